@@ -1,0 +1,81 @@
+"""Command line: ``shardfs [--config FILE] [--opt=value ...]``.
+
+Flags mirror :class:`shardfs.config.Config` fields with dashes
+(``--num-request-queues 2``); both ``--opt=value`` and ``--opt value`` work
+(argparse).  ``--print-capabilities`` prints the vhost-user backend JSON that
+libvirt reads, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from shardfs.config import CACHE_POLICIES, FIELDS, LOG_LEVELS, ConfigError, coerce, load
+
+CAPABILITIES = {"type": "fs", "features": []}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shardfs", description="virtio-fs vhost-user backend with one process per queue")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (flags override it)")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user backend capabilities as JSON and exit")
+    p.add_argument("--socket-path", help="vhost-user Unix socket to listen on")
+    p.add_argument("--fd", help="an already listening Unix socket fd (from libvirt)")
+    p.add_argument("--shared-dir", help="host directory to share")
+    p.add_argument("--tag", help="mount tag answered through GET_CONFIG")
+    p.add_argument("--num-request-queues", help="request queues, one worker process each")
+    p.add_argument("--cache", help=f"cache policy: {' | '.join(CACHE_POLICIES)}")
+    p.add_argument("--writeback", help="enable the guest's writeback cache (true/false)")
+    p.add_argument("--xattr", help="serve extended attributes (true/false)")
+    p.add_argument("--log-level", help=f"{' | '.join(LOG_LEVELS)}")
+    p.add_argument("--once", action="store_const", const="true",
+                   help="exit when the frontend disconnects (like virtiofsd)")
+    p.add_argument("--max-nodes", help="node budget (host O_PATH fds per worker)")
+    p.add_argument("--max-handles", help="open file budget per worker")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for name in FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = coerce(name, value, f"--{name.replace('_', '-')}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES))
+        return 0
+    try:
+        cfg = load(args.config, overrides_from(args))
+    except ConfigError as e:
+        print(f"shardfs: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(processName)s[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if not os.path.isdir(cfg.shared_dir):
+        os.makedirs(cfg.shared_dir, exist_ok=True)
+        logging.getLogger("shardfs").info("created shared dir %s", cfg.shared_dir)
+    from shardfs.proc.supervisor import Supervisor, open_listener
+
+    try:
+        listener = open_listener(cfg)
+    except OSError as e:
+        print(f"shardfs: socket_path: {e}", file=sys.stderr)
+        return 1
+    return Supervisor(cfg).run(listener)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Configuration: ``config/shardfs.toml`` merged with command-line flags.
+
+Every field is declared once in :data:`FIELDS` with its type, default and
+check, so the TOML loader, the CLI and the error messages agree.  Any
+problem is a :class:`ConfigError` whose message is one line naming the
+field, e.g. ``config: num_request_queues: must be between 1 and 64, got 0``.
+Flag names follow virtiofsd where one exists (``--socket-path``,
+``--shared-dir``, ``--cache``...).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from shardfs.abi.virtio import VIRTIO_FS_TAG_MAX
+
+CACHE_POLICIES = ("never", "metadata", "auto", "always")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: More queues than this buys nothing on any machine we know of.
+MAX_REQUEST_QUEUES = 64
+
+
+class ConfigError(Exception):
+    """A bad setting; ``str()`` is one line that names the field."""
+
+
+@dataclass
+class Config:
+    socket_path: str | None = None
+    fd: int | None = None
+    shared_dir: str = ""
+    tag: str | None = None
+    num_request_queues: int = 1
+    cache: str = "auto"
+    writeback: bool = False
+    xattr: bool = True
+    log_level: str = "info"
+    once: bool = False
+    max_nodes: int = 1 << 17
+    max_handles: int = 1 << 16
+
+    def validate(self) -> Config:
+        if self.socket_path is None and self.fd is None:
+            raise ConfigError("config: socket_path: set socket_path or fd")
+        if self.socket_path is not None and self.fd is not None:
+            raise ConfigError("config: fd: give socket_path or fd, not both")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError(f"config: fd: must be a non-negative fd number, got {self.fd}")
+        if not self.shared_dir:
+            raise ConfigError("config: shared_dir: is required")
+        if os.path.exists(self.shared_dir) and not os.path.isdir(self.shared_dir):
+            raise ConfigError(f"config: shared_dir: {self.shared_dir!r} is not a directory")
+        if self.tag is not None and not 0 < len(self.tag.encode()) <= VIRTIO_FS_TAG_MAX:
+            raise ConfigError(f"config: tag: must be 1 to {VIRTIO_FS_TAG_MAX} bytes, "
+                              f"got {self.tag!r}")
+        if not 1 <= self.num_request_queues <= MAX_REQUEST_QUEUES:
+            raise ConfigError(f"config: num_request_queues: must be between 1 and "
+                              f"{MAX_REQUEST_QUEUES}, got {self.num_request_queues}")
+        if self.cache not in CACHE_POLICIES:
+            raise ConfigError(f"config: cache: must be one of {', '.join(CACHE_POLICIES)}, "
+                              f"got {self.cache!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"config: log_level: must be one of {', '.join(LOG_LEVELS)}, "
+                              f"got {self.log_level!r}")
+        for name in ("max_nodes", "max_handles"):
+            if getattr(self, name) < 16:
+                raise ConfigError(f"config: {name}: must be at least 16")
+        return self
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "socket_path": (str,), "fd": (int,), "shared_dir": (str,), "tag": (str,),
+    "num_request_queues": (int,), "cache": (str,), "writeback": (bool,), "xattr": (bool,),
+    "log_level": (str,), "once": (bool,), "max_nodes": (int,), "max_handles": (int,),
+}
+
+
+def coerce(name: str, value: Any, source: str = "config") -> Any:
+    """Check one value's type (TOML) or parse it (command line strings)."""
+    if name not in FIELDS:
+        raise ConfigError(f"{source}: {name}: unknown field")
+    types = _TYPES[name]
+    if isinstance(value, str) and types[0] is not str:
+        if types[0] is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{source}: {name}: expected true or false, got {value!r}")
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}") from None
+    if types[0] is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{source}: {name}: expected {types[0].__name__}, got {value!r}")
+    return value
+
+
+def load(path: str | None, overrides: dict[str, Any]) -> Config:
+    """Read ``path`` (if any), apply ``overrides`` (already coerced), validate."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path}: {e}") from None
+        section = data.pop("shardfs", data)
+        for key, value in section.items():
+            setattr(cfg, key, coerce(key, value, f"config {path}"))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg.validate()

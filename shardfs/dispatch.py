@@ -1,0 +1,556 @@
+"""FUSE dispatch: one request chain in, one reply out.
+
+This is the only module that touches FUSE wire structs above the ABI layer.
+A request flows one way, as in virtiofsd's ``Server::handle_message``:
+decode ``fuse_in_header``, look the opcode up in :data:`Dispatcher.TABLE`,
+decode the op's ``*_in`` struct from the chain stream, call the
+:class:`~shardfs.fs.api.FileSystem`, encode the reply into the chain's
+writable side, and return the used length.
+
+Error contract (STYLE "Errors"):
+
+* :class:`FsError` and ``OSError`` become ``-errno`` replies.
+* A request too short for its struct, an unterminated name or an absurd
+  count is malformed guest input: EINVAL, counted in ``malformed``.
+* A chain with no room for a reply header, or a header that does not parse,
+  is dropped (used length 0) and counted.
+* Any other exception is a bug: logged with its traceback, answered EIO,
+  counted in ``bugs``.  Nothing a guest sends ends the worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shardfs.abi import fuse as F
+from shardfs.abi.fuse import FuseOpcode as Op
+from shardfs.fs.api import Context, Entry, FileSystem, FsError, SetattrIn
+from shardfs.virtq.chain import ChainReader, ChainWriter, DescriptorChain, ShortRead
+
+log = logging.getLogger("shardfs.dispatch")
+
+OUT_HDR = F.fuse_out_header.size
+_pack_out = F.fuse_out_header.pack
+_U64 = 0xFFFFFFFFFFFFFFFF
+_U32 = 0xFFFFFFFF
+NSEC = 1_000_000_000
+
+#: Largest WRITE we accept, and what INIT advertises as max_write.
+MAX_WRITE = 1 << 20
+#: Pages per request advertised in INIT (FUSE_MAX_PAGES): 1 MiB of 4 KiB pages.
+MAX_PAGES = MAX_WRITE // 4096
+#: Upper bound for READDIR/READ reply buffers and xattr sizes we honour.
+MAX_READ = MAX_WRITE
+MAX_XATTR_SIZE = 1 << 16
+#: A name or symlink target is at most PATH_MAX bytes plus its NUL.
+MAX_NAME_BYTES = 4096 + 1
+#: BATCH_FORGET entries per request that we accept.
+MAX_BATCH_FORGET = 1 << 16
+
+
+class Malformed(Exception):
+    """The guest's request does not follow the FUSE ABI."""
+
+
+@dataclass
+class Stats:
+    """Counters a worker exports; plain ints, updated on the hot path."""
+
+    requests: int = 0
+    errors: int = 0
+    malformed: int = 0
+    dropped: int = 0
+    bugs: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def encode_dev(rdev: int) -> int:
+    """Linux new_encode_dev: the u32 device number FUSE carries."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & _U32
+
+
+def decode_dev(dev: int) -> int:
+    """Linux new_decode_dev, the inverse of :func:`encode_dev`."""
+    major = (dev & 0xFFF00) >> 8
+    minor = (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+def attr_fields(st: os.stat_result) -> tuple[int, ...]:
+    """``os.stat_result`` to the field order of ``struct fuse_attr``."""
+    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
+    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
+    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
+    return (st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
+            c_s & _U64, a_ns, m_ns, c_ns, st.st_mode, min(st.st_nlink, _U32), st.st_uid,
+            st.st_gid, encode_dev(st.st_rdev), st.st_blksize & _U32, 0)
+
+
+def _split_timeout(t: float) -> tuple[int, int]:
+    secs = int(t)
+    return secs, int((t - secs) * NSEC)
+
+
+def pack_entry(e: Entry) -> bytes:
+    ev, ens = _split_timeout(e.entry_timeout_s)
+    av, ans = _split_timeout(e.attr_timeout_s)
+    return F.fuse_entry_out.pack(e.nodeid, e.generation, ev, av, ens, ans, *attr_fields(e.attr))
+
+
+def pack_attr(st: os.stat_result, timeout_s: float) -> bytes:
+    av, ans = _split_timeout(timeout_s)
+    return F.fuse_attr_out.pack(av, ans, 0, *attr_fields(st))
+
+
+_EMPTY_ENTRY = bytes(F.fuse_entry_out.size)
+
+Handler = Callable[["Dispatcher", Context, int, ChainReader, ChainWriter], int]
+
+
+class Dispatcher:
+    """Decodes requests for one FileSystem; one instance per worker process."""
+
+    #: INIT flags we turn on when the guest offers them (as virtiofsd does).
+    WANTED_INIT_FLAGS = (
+        F.FUSE_ASYNC_READ | F.FUSE_PARALLEL_DIROPS | F.FUSE_BIG_WRITES | F.FUSE_AUTO_INVAL_DATA
+        | F.FUSE_ASYNC_DIO | F.FUSE_HAS_IOCTL_DIR | F.FUSE_ATOMIC_O_TRUNC | F.FUSE_MAX_PAGES
+        | F.FUSE_DO_READDIRPLUS | F.FUSE_READDIRPLUS_AUTO | F.FUSE_INIT_EXT
+    )
+
+    def __init__(self, fs: FileSystem, *, writeback: bool = False) -> None:
+        self.fs = fs
+        self.stats = Stats()
+        self.writeback = writeback
+        self.minor = F.FUSE_KERNEL_MINOR_VERSION
+        self.initialized = False
+
+    # -- entry point ------------------------------------------------------------
+
+    def handle(self, chain: DescriptorChain) -> int:
+        """Serve one chain; return the used length to put in the used ring."""
+        r = ChainReader(chain.readable, chain.readable_len)
+        w = ChainWriter(chain.writable, chain.writable_len)
+        stats = self.stats
+        stats.requests += 1
+        try:
+            (length, opcode, unique, nodeid, uid, gid, pid, extlen,
+             _pad) = r.read_struct(F.fuse_in_header)
+        except ShortRead:
+            stats.malformed += 1
+            stats.dropped += 1
+            log.warning("dropped a chain of %d bytes: too short for fuse_in_header",
+                        chain.readable_len)
+            return 0
+        body = length - F.fuse_in_header.size - 8 * extlen
+        if body < 0 or length > chain.readable_len:
+            stats.malformed += 1
+            log.warning("opcode %d: header len %d does not match the chain (%d bytes)",
+                        opcode, length, chain.readable_len)
+            return self._reply_error(w, unique, errno.EINVAL, opcode)
+        r.remaining = body  # extensions sit after the op's arguments
+        if opcode == Op.FUSE_FORGET or opcode == Op.FUSE_BATCH_FORGET:
+            self._forget(opcode, nodeid, r)
+            return 0
+        if opcode == Op.FUSE_INTERRUPT:
+            return 0  # no reply: requests here are served synchronously
+        handler = self.TABLE.get(opcode)
+        if handler is None:
+            return self._reply_error(w, unique, errno.ENOSYS, opcode)
+        ctx = Context(uid, gid, pid)
+        try:
+            n = handler(self, ctx, nodeid, r, w)
+        except FsError as e:
+            return self._reply_error(w, unique, e.errno, opcode)
+        except OSError as e:
+            return self._reply_error(w, unique, e.errno or errno.EIO, opcode)
+        except (ShortRead, Malformed) as e:
+            stats.malformed += 1
+            log.warning("opcode %d unique %d malformed: %s", opcode, unique, e)
+            return self._reply_error(w, unique, errno.EINVAL, opcode)
+        except Exception:
+            stats.bugs += 1
+            log.exception("bug while serving opcode %d unique %d", opcode, unique)
+            return self._reply_error(w, unique, errno.EIO, opcode)
+        total = OUT_HDR + n
+        if w.capacity < total:
+            stats.dropped += 1
+            return 0
+        w.write_at(0, _pack_out(total, 0, unique))
+        return total
+
+    def _reply_error(self, w: ChainWriter, unique: int, err: int, opcode: int) -> int:
+        self.stats.errors += 1
+        if w.capacity < OUT_HDR:
+            self.stats.dropped += 1
+            log.warning("opcode %d: no room for a reply header; dropped", opcode)
+            return 0
+        w.write_at(0, _pack_out(OUT_HDR, -err, unique))
+        return OUT_HDR
+
+    # -- helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _name(r: ChainReader) -> bytes:
+        """One NUL-terminated name from the rest of the request."""
+        data = r.read_bytes(min(r.remaining, MAX_NAME_BYTES))
+        end = data.find(b"\0")
+        if end < 0:
+            raise Malformed("name is not NUL-terminated")
+        return data[:end]
+
+    @staticmethod
+    def _two_names(r: ChainReader) -> tuple[bytes, bytes]:
+        data = r.read_bytes(min(r.remaining, 2 * MAX_NAME_BYTES))
+        parts = data.split(b"\0", 2)
+        if len(parts) < 3:
+            raise Malformed("expected two NUL-terminated names")
+        return parts[0], parts[1]
+
+    @staticmethod
+    def _reply(w: ChainWriter, data: bytes) -> int:
+        w.write_at(OUT_HDR, data)
+        return len(data)
+
+    def _forget(self, opcode: int, nodeid: int, r: ChainReader) -> None:
+        try:
+            if opcode == Op.FUSE_FORGET:
+                (nlookup,) = r.read_struct(F.fuse_forget_in)
+                self.fs.forget(nodeid, nlookup)
+                return
+            count, _ = r.read_struct(F.fuse_batch_forget_in)
+            if count > MAX_BATCH_FORGET or count * F.fuse_forget_one.size > r.remaining:
+                raise Malformed(f"BATCH_FORGET count {count} exceeds the request")
+            for _ in range(count):
+                nid, n = r.read_struct(F.fuse_forget_one)
+                self.fs.forget(nid, n)
+        except (ShortRead, Malformed) as e:
+            self.stats.malformed += 1
+            log.warning("malformed FORGET: %s", e)
+        except Exception:
+            self.stats.bugs += 1
+            log.exception("bug while serving FORGET")
+
+    # -- operations (names follow FUSE opcodes) -------------------------------
+
+    def op_init(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        if r.remaining < F.FUSE_COMPAT_INIT_IN_SIZE:
+            raise Malformed("INIT too short")
+        raw = r.read_bytes(min(r.remaining, F.fuse_init_in.size)).ljust(F.fuse_init_in.size,
+                                                                         b"\0")
+        major, minor, max_readahead, flags, flags2 = F.fuse_init_in.unpack(raw)
+        if major < F.FUSE_KERNEL_VERSION:
+            raise FsError(errno.EPROTO)
+        if major > F.FUSE_KERNEL_VERSION:
+            # Ask the kernel to retry with our major (fuse.h "INIT request/reply").
+            return self._reply(w, F.fuse_init_out.pack(F.FUSE_KERNEL_VERSION, 0, 0, 0, 0, 0, 0,
+                                                       0, 0, 0, 0)[:8])
+        if minor < F.FUSE_MIN_MINOR_VERSION:
+            log.error("guest FUSE 7.%d is older than 7.%d", minor, F.FUSE_MIN_MINOR_VERSION)
+            raise FsError(errno.EPROTO)
+        if self.initialized:
+            log.info("INIT again without DESTROY (guest reboot): dropping all nodes")
+            self.fs.destroy()
+        capable = flags | ((flags2 << 32) if flags & F.FUSE_INIT_EXT else 0)
+        wanted = self.WANTED_INIT_FLAGS
+        if self.writeback:
+            wanted |= F.FUSE_WRITEBACK_CACHE
+        enabled = (capable & wanted) | (capable & self.fs.init(capable))
+        self.minor = min(minor, F.FUSE_KERNEL_MINOR_VERSION)
+        self.initialized = True
+        log.info("FUSE INIT: guest 7.%d, speaking 7.%d, flags %#x", minor, self.minor, enabled)
+        out = F.fuse_init_out.pack(
+            F.FUSE_KERNEL_VERSION, self.minor, max_readahead, enabled & _U32,
+            0, 0, MAX_WRITE, 1, MAX_PAGES, 0, enabled >> 32)
+        return self._reply(w, out)
+
+    def op_destroy(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        self.fs.destroy()
+        self.initialized = False
+        return 0
+
+    def op_lookup(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        name = self._name(r)
+        return self._reply(w, pack_entry(self.fs.lookup(ctx, nodeid, name)))
+
+    def op_getattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        flags, _, fh = r.read_struct(F.fuse_getattr_in)
+        st, timeout = self.fs.getattr(ctx, nodeid, fh if flags & F.FUSE_GETATTR_FH else None)
+        return self._reply(w, pack_attr(st, timeout))
+
+    def op_setattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
+         mode, _, uid, gid, _) = r.read_struct(F.fuse_setattr_in)
+        attr = SetattrIn(valid, fh, size, _ns(atime, atimensec), _ns(mtime, mtimensec), mode,
+                         uid, gid)
+        st, timeout = self.fs.setattr(ctx, nodeid, attr)
+        return self._reply(w, pack_attr(st, timeout))
+
+    def op_readlink(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        return self._reply(w, self.fs.readlink(ctx, nodeid))
+
+    def op_symlink(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        name, target = self._two_names(r)
+        return self._reply(w, pack_entry(self.fs.symlink(ctx, nodeid, name, target)))
+
+    def op_mknod(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        mode, rdev, umask, _ = r.read_struct(F.fuse_mknod_in)
+        name = self._name(r)
+        e = self.fs.mknod(ctx, nodeid, name, mode, decode_dev(rdev), umask)
+        return self._reply(w, pack_entry(e))
+
+    def op_mkdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        mode, umask = r.read_struct(F.fuse_mkdir_in)
+        name = self._name(r)
+        return self._reply(w, pack_entry(self.fs.mkdir(ctx, nodeid, name, mode, umask)))
+
+    def op_unlink(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        self.fs.unlink(ctx, nodeid, self._name(r))
+        return 0
+
+    def op_rmdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        self.fs.rmdir(ctx, nodeid, self._name(r))
+        return 0
+
+    def op_rename(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        (newdir,) = r.read_struct(F.fuse_rename_in)
+        old, new = self._two_names(r)
+        self.fs.rename(ctx, nodeid, old, newdir, new, 0)
+        return 0
+
+    def op_rename2(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        newdir, flags, _ = r.read_struct(F.fuse_rename2_in)
+        old, new = self._two_names(r)
+        self.fs.rename(ctx, nodeid, old, newdir, new, flags)
+        return 0
+
+    def op_link(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        (oldnodeid,) = r.read_struct(F.fuse_link_in)
+        name = self._name(r)
+        return self._reply(w, pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name)))
+
+    def op_open(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        flags, _open_flags = r.read_struct(F.fuse_open_in)
+        o = self.fs.open(ctx, nodeid, flags)
+        return self._reply(w, F.fuse_open_out.pack(o.fh, o.open_flags, 0))
+
+    def op_opendir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        flags, _open_flags = r.read_struct(F.fuse_open_in)
+        o = self.fs.opendir(ctx, nodeid, flags)
+        return self._reply(w, F.fuse_open_out.pack(o.fh, o.open_flags, 0))
+
+    def op_create(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        flags, mode, umask, _open_flags = r.read_struct(F.fuse_create_in)
+        name = self._name(r)
+        e, o = self.fs.create(ctx, nodeid, name, flags, mode, umask)
+        return self._reply(w, pack_entry(e) + F.fuse_open_out.pack(o.fh, o.open_flags, 0))
+
+    def op_read(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, offset, size, _rflags, _owner, _flags, _ = r.read_struct(F.fuse_read_in)
+        if size > MAX_READ:
+            raise Malformed(f"READ of {size} bytes exceeds {MAX_READ}")
+        if offset > _U64 >> 1:
+            raise FsError(errno.EINVAL)
+        bufs = w.views_at(OUT_HDR, size)
+        n = self.fs.read(ctx, nodeid, fh, offset, bufs)
+        self.stats.bytes_read += n
+        return n
+
+    def op_write(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, offset, size, write_flags, _owner, _flags, _ = r.read_struct(F.fuse_write_in)
+        if size > MAX_WRITE or size > r.remaining:
+            raise Malformed(f"WRITE of {size} bytes with {r.remaining} in the request")
+        if offset > _U64 >> 1:
+            raise FsError(errno.EINVAL)
+        n = self.fs.write(ctx, nodeid, fh, offset, r.take(size), write_flags)
+        self.stats.bytes_written += n
+        return self._reply(w, F.fuse_write_out.pack(n, 0))
+
+    def op_statfs(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        s = self.fs.statfs(ctx, nodeid)
+        return self._reply(w, F.fuse_kstatfs.pack(
+            s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
+            s.f_namemax, s.f_frsize))
+
+    def op_release(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, _flags, _rflags, _owner = r.read_struct(F.fuse_release_in)
+        self.fs.release(ctx, nodeid, fh)
+        return 0
+
+    def op_releasedir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, _flags, _rflags, _owner = r.read_struct(F.fuse_release_in)
+        self.fs.releasedir(ctx, nodeid, fh)
+        return 0
+
+    def op_flush(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, _, _, _owner = r.read_struct(F.fuse_flush_in)
+        self.fs.flush(ctx, nodeid, fh)
+        return 0
+
+    def op_fsync(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, fsync_flags, _ = r.read_struct(F.fuse_fsync_in)
+        self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & F.FUSE_FSYNC_FDATASYNC))
+        return 0
+
+    def op_fsyncdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, fsync_flags, _ = r.read_struct(F.fuse_fsync_in)
+        self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & F.FUSE_FSYNC_FDATASYNC))
+        return 0
+
+    def op_access(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        mask, _ = r.read_struct(F.fuse_access_in)
+        self.fs.access(ctx, nodeid, mask)
+        return 0
+
+    def op_fallocate(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, offset, length, mode, _ = r.read_struct(F.fuse_fallocate_in)
+        if offset > _U64 >> 1 or length > _U64 >> 1:
+            raise FsError(errno.EINVAL)
+        self.fs.fallocate(ctx, nodeid, fh, offset, length, mode)
+        return 0
+
+    def op_lseek(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        fh, offset, whence, _ = r.read_struct(F.fuse_lseek_in)
+        if offset > _U64 >> 1:
+            raise FsError(errno.EINVAL)
+        pos = self.fs.lseek(ctx, nodeid, fh, offset, whence)
+        return self._reply(w, F.fuse_lseek_out.pack(pos))
+
+    def op_syncfs(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        self.fs.syncfs(ctx, nodeid)
+        return 0
+
+    def op_getxattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        size, _ = r.read_struct(F.fuse_getxattr_in)
+        name = self._name(r)
+        return self._xattr_reply(w, self.fs.getxattr(ctx, nodeid, name, min(size,
+                                                                                MAX_XATTR_SIZE)))
+
+    def op_listxattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        size, _ = r.read_struct(F.fuse_getxattr_in)
+        return self._xattr_reply(w, self.fs.listxattr(ctx, nodeid, min(size, MAX_XATTR_SIZE)))
+
+    def _xattr_reply(self, w: ChainWriter, value: bytes | int) -> int:
+        if isinstance(value, int):
+            return self._reply(w, F.fuse_getxattr_out.pack(value, 0))
+        return self._reply(w, value)
+
+    def op_setxattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        raw = r.read_bytes(F.FUSE_COMPAT_SETXATTR_IN_SIZE)
+        size, flags = F.fuse_getxattr_in.unpack(raw)
+        if size > MAX_XATTR_SIZE:
+            raise FsError(errno.E2BIG)
+        data = r.read_bytes(r.remaining)
+        end = data.find(b"\0")
+        if end < 0 or len(data) - end - 1 < size:
+            raise Malformed("SETXATTR name or value truncated")
+        value = data[end + 1:end + 1 + size]
+        self.fs.setxattr(ctx, nodeid, data[:end], value, flags)
+        return 0
+
+    def op_removexattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        self.fs.removexattr(ctx, nodeid, self._name(r))
+        return 0
+
+    def op_copy_file_range(self, ctx: Context, nodeid: int, r: ChainReader,
+                           w: ChainWriter) -> int:
+        (fh_in, off_in, nodeid_out, fh_out, off_out, length,
+         flags) = r.read_struct(F.fuse_copy_file_range_in)
+        if max(off_in, off_out, length) > _U64 >> 1:
+            raise FsError(errno.EINVAL)
+        n = self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out,
+                                    length, flags)
+        return self._reply(w, F.fuse_write_out.pack(n, 0))
+
+    def op_readdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        return self._readdir(ctx, nodeid, r, w, plus=False)
+
+    def op_readdirplus(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        return self._readdir(ctx, nodeid, r, w, plus=True)
+
+    def _readdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter,
+                 plus: bool) -> int:
+        """READDIR(PLUS): pack records until the guest's buffer is full.
+
+        With PLUS, every record except ``.`` and ``..`` carries an entry and
+        counts as a lookup in the guest (``fuse_direntplus_link``), so the
+        lookup happens only once the record is known to fit.  A name that no
+        longer resolves is sent with nodeid 0, which the kernel skips.
+        """
+        fh, offset, size, *_ = r.read_struct(F.fuse_read_in)
+        size = min(size, MAX_READ, max(w.capacity - OUT_HDR, 0))
+        buf = bytearray()
+        hdr_size = F.FUSE_NAME_OFFSET_DIRENTPLUS if plus else F.FUSE_NAME_OFFSET
+        for d in self.fs.readdir(ctx, nodeid, fh, offset):
+            rec = F.fuse_rec_align(hdr_size + len(d.name))
+            if len(buf) + rec > size:
+                break
+            if plus:
+                entry = _EMPTY_ENTRY
+                if d.name not in (b".", b".."):
+                    try:
+                        entry = pack_entry(self.fs.lookup(ctx, nodeid, d.name))
+                    except (FsError, OSError):
+                        pass
+                buf += entry
+            buf += F.fuse_dirent.pack(d.ino, d.offset, len(d.name), d.type)
+            buf += d.name
+            buf += bytes(rec - hdr_size - len(d.name))
+        return self._reply(w, bytes(buf)) if buf else 0
+
+    def op_ioctl(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        raise FsError(errno.ENOTTY)
+
+    TABLE: dict[int, Handler] = {}
+
+
+def _ns(secs: int, nsec: int) -> int:
+    if secs > _U64 >> 1:
+        secs -= 1 << 64
+    return secs * NSEC + nsec
+
+
+Dispatcher.TABLE = {
+    Op.FUSE_INIT: Dispatcher.op_init,
+    Op.FUSE_DESTROY: Dispatcher.op_destroy,
+    Op.FUSE_LOOKUP: Dispatcher.op_lookup,
+    Op.FUSE_GETATTR: Dispatcher.op_getattr,
+    Op.FUSE_SETATTR: Dispatcher.op_setattr,
+    Op.FUSE_READLINK: Dispatcher.op_readlink,
+    Op.FUSE_SYMLINK: Dispatcher.op_symlink,
+    Op.FUSE_MKNOD: Dispatcher.op_mknod,
+    Op.FUSE_MKDIR: Dispatcher.op_mkdir,
+    Op.FUSE_UNLINK: Dispatcher.op_unlink,
+    Op.FUSE_RMDIR: Dispatcher.op_rmdir,
+    Op.FUSE_RENAME: Dispatcher.op_rename,
+    Op.FUSE_RENAME2: Dispatcher.op_rename2,
+    Op.FUSE_LINK: Dispatcher.op_link,
+    Op.FUSE_OPEN: Dispatcher.op_open,
+    Op.FUSE_OPENDIR: Dispatcher.op_opendir,
+    Op.FUSE_CREATE: Dispatcher.op_create,
+    Op.FUSE_READ: Dispatcher.op_read,
+    Op.FUSE_WRITE: Dispatcher.op_write,
+    Op.FUSE_STATFS: Dispatcher.op_statfs,
+    Op.FUSE_RELEASE: Dispatcher.op_release,
+    Op.FUSE_RELEASEDIR: Dispatcher.op_releasedir,
+    Op.FUSE_FLUSH: Dispatcher.op_flush,
+    Op.FUSE_FSYNC: Dispatcher.op_fsync,
+    Op.FUSE_FSYNCDIR: Dispatcher.op_fsyncdir,
+    Op.FUSE_ACCESS: Dispatcher.op_access,
+    Op.FUSE_FALLOCATE: Dispatcher.op_fallocate,
+    Op.FUSE_LSEEK: Dispatcher.op_lseek,
+    Op.FUSE_SYNCFS: Dispatcher.op_syncfs,
+    Op.FUSE_GETXATTR: Dispatcher.op_getxattr,
+    Op.FUSE_LISTXATTR: Dispatcher.op_listxattr,
+    Op.FUSE_SETXATTR: Dispatcher.op_setxattr,
+    Op.FUSE_REMOVEXATTR: Dispatcher.op_removexattr,
+    Op.FUSE_COPY_FILE_RANGE: Dispatcher.op_copy_file_range,
+    Op.FUSE_READDIR: Dispatcher.op_readdir,
+    Op.FUSE_READDIRPLUS: Dispatcher.op_readdirplus,
+    Op.FUSE_IOCTL: Dispatcher.op_ioctl,
+}

@@ -1,0 +1,238 @@
+"""The filesystem interface the dispatcher calls.
+
+This is the border between the FUSE protocol and filesystem semantics, in the
+style of virtiofsd's ``FileSystem`` trait and pyfuse3's ``Operations``: it
+speaks domain types (``os.stat_result``, :class:`Entry`, :class:`DirEntry`),
+never wire structs.  ``shardfs.dispatch`` converts at the border.
+
+Contracts every implementation keeps:
+
+* The only exception a method may raise on purpose is :class:`FsError`;
+  an ``OSError`` is treated the same way (its errno reaches the guest).
+  Anything else is a bug: the dispatcher logs it and answers EIO.
+* Every method defaults to ENOSYS, so an implementation opts in per op.
+* Lookup counts: every :class:`Entry` returned by ``lookup``, ``mknod``,
+  ``mkdir``, ``symlink``, ``link`` and ``create`` adds one to the node's
+  lookup count, which the guest later drops with ``forget``.  A node whose
+  count reaches zero is released.  The root's count is never dropped.
+* Ids are opaque: a nodeid or fh the guest sends may be forged, and an
+  implementation answers ENOENT/EBADF for one it never issued.
+* Names are guest-controlled bytes; see :func:`check_name`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NewType
+
+NodeId = NewType("NodeId", int)
+FileHandle = NewType("FileHandle", int)
+
+
+class FsError(Exception):
+    """A filesystem operation failed with ``errno``; the guest sees -errno."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(err, message or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(slots=True, frozen=True)
+class Context:
+    """Who asked: the caller's ids from ``fuse_in_header``."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(slots=True)
+class Entry:
+    """A looked-up node.  Returning one adds 1 to its lookup count."""
+
+    nodeid: int
+    generation: int
+    attr: os.stat_result
+    entry_timeout_s: float
+    attr_timeout_s: float
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One directory record.  ``offset`` is the cookie that resumes *after* it."""
+
+    ino: int
+    offset: int
+    type: int  # DT_* value
+    name: bytes
+
+
+@dataclass(slots=True)
+class SetattrIn:
+    """The fields of ``fuse_setattr_in`` that ``valid`` (FATTR_*) selects."""
+
+    valid: int
+    fh: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class Opened:
+    """The result of OPEN/OPENDIR/CREATE: a handle and FOPEN_* flags."""
+
+    fh: int
+    open_flags: int
+
+
+def check_name(name: bytes) -> bytes:
+    """Refuse names that could leave the directory they are resolved in.
+
+    DESIGN §4: a name with ``/``, an empty name, ``.`` and ``..`` are refused,
+    and so is a NUL inside it.  Absolute names are covered by the ``/`` rule,
+    which matters because ``symlinkat``/``mkdirat`` ignore the dirfd for them.
+    """
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+    if len(name) > 255:
+        raise FsError(errno.ENAMETOOLONG)
+    return name
+
+
+class FileSystem:
+    """Base class: every operation answers ENOSYS until overridden."""
+
+    def init(self, capable: int) -> int:
+        """Called on FUSE_INIT (and again on a re-INIT, after ``destroy``).
+
+        ``capable`` is the INIT flag set the guest offers; return the subset
+        this filesystem wants switched on (the dispatcher adds its own).
+        """
+        return 0
+
+    def destroy(self) -> None:
+        """Drop every node and handle except the root (FUSE_DESTROY, reboot)."""
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop ``nlookup`` from the node's count; never raises, never replies."""
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        raise FsError(errno.ENOSYS)
+
+    def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:
+        raise FsError(errno.ENOSYS)
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        raise FsError(errno.ENOSYS)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
+              umask: int) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise FsError(errno.ENOSYS)
+
+    def create(self, ctx: Context, parent: int, name: bytes, flags: int, mode: int,
+               umask: int) -> tuple[Entry, Opened]:
+        raise FsError(errno.ENOSYS)
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
+             buffers: list[memoryview]) -> int:
+        """Fill ``buffers`` (guest memory) from the file; return bytes read."""
+        raise FsError(errno.ENOSYS)
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int,
+              buffers: list[memoryview], write_flags: int) -> int:
+        """Write ``buffers`` (guest memory) to the file; return bytes written."""
+        raise FsError(errno.ENOSYS)
+
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        raise FsError(errno.ENOSYS)
+
+    def release(self, ctx: Context, nodeid: int, fh: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise FsError(errno.ENOSYS)
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Yield the records after cookie ``offset`` (0 = from the start).
+
+        The caller stops pulling when its reply buffer is full, so an
+        implementation must not assume the iterator is drained.
+        """
+        raise FsError(errno.ENOSYS)
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int,
+                  mode: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise FsError(errno.ENOSYS)
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """Return the value, or its length when ``size`` is 0 (the probe form)."""
+        raise FsError(errno.ENOSYS)
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        """Return NUL-separated names, or their total length when ``size`` is 0."""
+        raise FsError(errno.ENOSYS)
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes,
+                 flags: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        raise FsError(errno.ENOSYS)

@@ -1,0 +1,309 @@
+"""A worker process: serves the virtqueues the supervisor assigns to it.
+
+One worker per request queue (design card); worker 0 also serves the hiprio
+queue, so FORGET meets the same node table as the LOOKUPs it balances.
+
+The loop is single-threaded: epoll on the control socket and on each ring's
+kick eventfd.  Because a request is served to completion before the next
+event is taken, a control message (ring stop, memory change, call fd swap) is
+always applied between requests; "ring stop returns once in-flight work is
+settled" holds by construction.
+
+Per kick, the worker drains the ring with notifications suppressed, re-enables
+them, re-checks the avail index (DESIGN §1, EVENT_IDX) and loops until it is
+empty, then signals the call fd at most once if the used-event rule asks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardfs.dispatch import Dispatcher
+from shardfs.fs.api import FileSystem
+from shardfs.proc import control
+from shardfs.virtq.memory import GuestMemory, GuestMemoryError
+from shardfs.virtq.split import QueueError, SplitQueue
+
+log = logging.getLogger("shardfs.worker")
+
+PR_SET_NAME = 15
+PR_SET_PDEATHSIG = 1
+
+
+def set_process_name(name: str) -> None:
+    """Name the process for ps/top (prctl PR_SET_NAME; 15 bytes kept)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when the supervisor dies (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class Ring:
+    """A started ring: its queue and the two eventfds the worker owns."""
+
+    queue: SplitQueue
+    kick_fd: int
+    call_fd: int | None
+    enabled: bool
+    served: int = 0
+    kicks: int = 0
+    notifications: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """State of one worker process; :meth:`run` is the process body."""
+
+    def __init__(self, wid: int, sock: socket.socket, make_fs: Callable[[], FileSystem],
+                 writeback: bool = False) -> None:
+        self.wid = wid
+        self.sock = sock
+        self.make_fs = make_fs
+        self.writeback = writeback
+        self.mem = GuestMemory()
+        self.rings: dict[int, Ring] = {}
+        self.by_kick: dict[int, Ring] = {}
+        self.ep = select.epoll()
+        self.dispatcher: Dispatcher | None = None
+        self.running = True
+
+    # -- process body ---------------------------------------------------------
+
+    def run(self) -> None:
+        set_process_name(f"shardfs-w{self.wid}")
+        die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.dispatcher = Dispatcher(self.make_fs(), writeback=self.writeback)
+        self.ep.register(self.sock.fileno(), select.EPOLLIN)
+        log.debug("worker %d ready", self.wid)
+        while self.running:
+            try:
+                events = self.ep.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self.sock.fileno():
+                    self._control()
+                else:
+                    ring = self.by_kick.get(fd)
+                    if ring is not None:
+                        self._kick(ring)
+
+    # -- data path ------------------------------------------------------------
+
+    def _kick(self, ring: Ring) -> None:
+        try:
+            os.eventfd_read(ring.kick_fd)
+        except BlockingIOError:
+            pass
+        ring.kicks += 1
+        self.serve(ring)
+
+    def serve(self, ring: Ring) -> None:
+        """Drain ``ring``; signal its call fd once if the driver wants it."""
+        q = ring.queue
+        if not q.ready or not ring.enabled:
+            return
+        assert self.dispatcher is not None
+        handle = self.dispatcher.handle
+        mem = self.mem
+        pushed = 0
+        try:
+            while True:
+                q.disable_notification()
+                while True:
+                    chain = q.pop(mem)
+                    if chain is None:
+                        break
+                    if isinstance(chain, int):
+                        log.warning("queue %d: malformed descriptor chain at head %d dropped",
+                                    q.index, chain)
+                        q.push(chain, 0)
+                    else:
+                        q.push(chain.head, handle(chain))
+                    pushed += 1
+                if not q.enable_notification():
+                    break
+        except QueueError as e:
+            # The driver broke the ring itself; serving on would read garbage.
+            log.error("queue %d stopped: %s", q.index, e)
+            ring.errors.append(str(e))
+            q.ready = False
+        ring.served += pushed
+        if pushed and ring.call_fd is not None and q.ready and q.needs_notification():
+            os.eventfd_write(ring.call_fd, 1)
+            ring.notifications += 1
+
+    # -- control path ---------------------------------------------------------
+
+    def _control(self) -> None:
+        try:
+            msg, fds = control.recv(self.sock)
+        except control.ControlError:
+            log.debug("worker %d: supervisor went away", self.wid)
+            self.running = False
+            return
+        verb = msg[0]
+        handler = getattr(self, f"c_{verb}", None)
+        try:
+            if handler is None:
+                raise control.ControlError(f"unknown control verb {verb!r}")
+            value = handler(msg[1:], fds)
+            reply: list[Any] = ["ok", value]
+        except (control.ControlError, GuestMemoryError, QueueError, OSError, ValueError) as e:
+            log.error("worker %d: %s failed: %s", self.wid, verb, e)
+            for fd in fds:
+                _close(fd)
+            reply = ["err", str(e)]
+        try:
+            control.send(self.sock, reply)
+        except OSError:
+            self.running = False
+
+    def _resolve_rings(self) -> None:
+        for ring in self.rings.values():
+            if ring.queue.num:
+                try:
+                    ring.queue.resolve(self.mem)
+                except QueueError as e:
+                    log.warning("%s (ring paused until memory returns)", e)
+
+    def c_mem_set(self, args: list[Any], fds: list[int]) -> None:
+        (regions,) = args
+        self.mem.clear()
+        try:
+            for (gpa, size, uaddr, off), fd in zip(regions, fds, strict=True):
+                self.mem.add(gpa, size, uaddr, off, fd)
+        finally:
+            for fd in fds:
+                _close(fd)
+        self._resolve_rings()
+
+    def c_mem_add(self, args: list[Any], fds: list[int]) -> None:
+        (gpa, size, uaddr, off), = args
+        try:
+            self.mem.add(gpa, size, uaddr, off, fds[0])
+        finally:
+            for fd in fds:
+                _close(fd)
+        self._resolve_rings()
+
+    def c_mem_remove(self, args: list[Any], fds: list[int]) -> bool:
+        (gpa, size, _uaddr, _off), = args
+        found = self.mem.remove(gpa, size)
+        self._resolve_rings()
+        return found
+
+    def c_ring_start(self, args: list[Any], fds: list[int]) -> None:
+        index, num, desc, avail, used, base, event_idx, indirect, enabled = args
+        self._drop_ring(index)
+        kick_fd = fds[0]
+        call_fd = fds[1] if len(fds) > 1 else None
+        q = SplitQueue(index)
+        try:
+            q.configure(num, self.mem.user_to_gpa(desc, 16 * num),
+                        self.mem.user_to_gpa(avail, 4), self.mem.user_to_gpa(used, 4),
+                        base, event_idx, indirect, self.mem)
+        except (GuestMemoryError, QueueError):
+            for fd in fds:
+                _close(fd)
+            raise
+        os.set_blocking(kick_fd, False)
+        ring = Ring(q, kick_fd, call_fd, enabled)
+        self.rings[index] = ring
+        self.by_kick[kick_fd] = ring
+        self.ep.register(kick_fd, select.EPOLLIN)
+        # Chains may already be waiting: the driver kicked before we listened.
+        self.serve(ring)
+
+    def c_ring_stop(self, args: list[Any], fds: list[int]) -> int:
+        (index,) = args
+        ring = self.rings.get(index)
+        if ring is None:
+            raise control.ControlError(f"ring {index} is not started here")
+        base = ring.queue.stop()
+        self._drop_ring(index)
+        return base
+
+    def c_ring_call(self, args: list[Any], fds: list[int]) -> None:
+        (index,) = args
+        ring = self.rings.get(index)
+        if ring is None:
+            for fd in fds:
+                _close(fd)
+            raise control.ControlError(f"ring {index} is not started here")
+        _close(ring.call_fd)
+        ring.call_fd = fds[0] if fds else None
+        # A chain completed while the call fd was masked must still be signalled.
+        if ring.call_fd is not None and ring.queue.ready:
+            os.eventfd_write(ring.call_fd, 1)
+
+    def c_ring_enable(self, args: list[Any], fds: list[int]) -> None:
+        index, enabled = args
+        ring = self.rings.get(index)
+        if ring is None:
+            raise control.ControlError(f"ring {index} is not started here")
+        ring.enabled = bool(enabled)
+        if ring.enabled:
+            self.serve(ring)
+
+    def c_reset(self, args: list[Any], fds: list[int]) -> None:
+        """The frontend reset the device or left: drop rings, memory and FUSE state."""
+        for index in list(self.rings):
+            self._drop_ring(index)
+        self.mem.clear()
+        (drop_fs,) = args
+        if drop_fs and self.dispatcher is not None:
+            self.dispatcher.fs.destroy()
+            self.dispatcher.initialized = False
+
+    def c_stats(self, args: list[Any], fds: list[int]) -> dict[str, Any]:
+        assert self.dispatcher is not None
+        s = self.dispatcher.stats
+        return {
+            "worker": self.wid, "pid": os.getpid(), "requests": s.requests, "errors": s.errors,
+            "malformed": s.malformed, "dropped": s.dropped, "bugs": s.bugs,
+            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+            "open_fds": len(os.listdir("/proc/self/fd")),
+            "rings": {str(i): {"served": r.served, "kicks": r.kicks,
+                               "notifications": r.notifications,
+                               "malformed": r.queue.malformed, "ready": r.queue.ready}
+                      for i, r in self.rings.items()},
+        }
+
+    def c_exit(self, args: list[Any], fds: list[int]) -> None:
+        self.running = False
+
+    def _drop_ring(self, index: int) -> None:
+        ring = self.rings.pop(index, None)
+        if ring is None:
+            return
+        self.by_kick.pop(ring.kick_fd, None)
+        try:
+            self.ep.unregister(ring.kick_fd)
+        except (OSError, ValueError):
+            pass
+        _close(ring.kick_fd)
+        _close(ring.call_fd)
+        ring.queue.stop()
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,187 @@
+"""The device side of a split virtqueue (virtio 1.2 §2.7).
+
+The queue holds only ring state and views of the three ring areas; guest
+memory is passed in when the rings are (re)resolved, as in rust-vmm.
+
+Notification rules:
+
+* Without EVENT_IDX the device suppresses calls when the driver sets
+  VIRTQ_AVAIL_F_NO_INTERRUPT, and sets VIRTQ_USED_F_NO_NOTIFY while it is
+  draining the ring.
+* With EVENT_IDX (§2.7.10) the device writes ``avail_event`` to ask for the
+  next kick and signals only when ``vring_need_event`` says so.  Deciding
+  needs a store-then-load full barrier between publishing ``used.idx`` and
+  reading ``used_event`` (the spec's mb()), and likewise between writing
+  ``avail_event`` and re-reading ``avail.idx``.  Python has none, and x86 may
+  reorder exactly that pair, so :func:`full_barrier` executes a locked
+  instruction (``lock cmpxchg`` inside glibc's pthread_spin_trylock).
+* Ring indices are read and written as single 16-bit accesses
+  (``struct`` with format ``<H`` on an aligned view compiles to one load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from shardfs.abi.virtio import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_AVAIL_IDX,
+    VIRTQ_AVAIL_RING,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    VIRTQ_USED_FLAGS,
+    VIRTQ_USED_IDX,
+    VIRTQ_USED_RING,
+    avail_ring_size,
+    used_ring_size,
+    virtq_desc,
+    virtq_used_elem,
+    vring_need_event,
+)
+from shardfs.virtq.chain import DescriptorChain, walk_chain
+from shardfs.virtq.memory import GuestMemory, GuestMemoryError
+
+_u16 = struct.Struct("<H")
+_unpack_u16 = _u16.unpack_from
+_pack_u16 = _u16.pack_into
+_pack_used = virtq_used_elem.pack_into
+
+_libc = ctypes.CDLL(None)
+_spin = ctypes.c_int(0)
+_spin_ref = ctypes.byref(_spin)
+_trylock = _libc.pthread_spin_trylock
+_unlock = _libc.pthread_spin_unlock
+
+
+def full_barrier() -> None:
+    """A store-load fence: a locked read-modify-write on x86 (see module doc)."""
+    _trylock(_spin_ref)
+    _unlock(_spin_ref)
+
+
+class QueueError(Exception):
+    """The ring is misconfigured or the driver broke a ring invariant."""
+
+
+class SplitQueue:
+    """Ring state for one queue; methods take no locks (one owner process)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.desc_gpa = self.avail_gpa = self.used_gpa = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.event_idx = False
+        self.indirect = False
+        self.ready = False
+        self._desc = self._avail = self._used = memoryview(b"")
+        self._signalled_used: int | None = None
+        #: Chains dropped as malformed; each is still returned with length 0.
+        self.malformed = 0
+
+    def configure(self, num: int, desc_gpa: int, avail_gpa: int, used_gpa: int,
+                  base: int, event_idx: bool, indirect: bool, mem: GuestMemory) -> None:
+        """Set the ring up (SET_VRING_NUM/ADDR/BASE gathered) and resolve it."""
+        if num == 0 or num > VIRTQ_MAX_SIZE or num & (num - 1):
+            raise QueueError(f"queue size {num} is not a power of two up to {VIRTQ_MAX_SIZE}")
+        if desc_gpa % 16 or avail_gpa % 2 or used_gpa % 4:
+            raise QueueError("ring addresses are misaligned (§2.7: 16, 2 and 4 bytes)")
+        self.num = num
+        self.desc_gpa, self.avail_gpa, self.used_gpa = desc_gpa, avail_gpa, used_gpa
+        self.last_avail_idx = base & 0xFFFF
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.resolve(mem)
+        # The used index continues from what the driver has seen.
+        self.used_idx = _unpack_u16(self._used, VIRTQ_USED_IDX)[0]
+        self._signalled_used = None
+        self.ready = True
+
+    def resolve(self, mem: GuestMemory) -> None:
+        """Re-take the ring views after guest memory changed."""
+        try:
+            self._desc = mem.view(self.desc_gpa, virtq_desc.size * self.num)
+            self._avail = mem.view(self.avail_gpa, avail_ring_size(self.num))
+            self._used = mem.view(self.used_gpa, used_ring_size(self.num))
+        except GuestMemoryError as e:
+            self.ready = False
+            raise QueueError(f"queue {self.index}: {e}") from e
+
+    def stop(self) -> int:
+        """Stop the ring; return the next avail index to process (GET_VRING_BASE)."""
+        self.ready = False
+        self._desc = self._avail = self._used = memoryview(b"")
+        return self.last_avail_idx
+
+    def avail_idx(self) -> int:
+        return _unpack_u16(self._avail, VIRTQ_AVAIL_IDX)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver has made available and we have not taken."""
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            raise QueueError(f"queue {self.index}: avail idx moved {n} past a ring of {self.num}")
+        return n
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | int | None:
+        """Take the next chain.
+
+        Returns the chain; or the head index alone when the chain is
+        malformed (the caller returns it with length 0 and counts it); or
+        None when the ring is empty.
+        """
+        if not self.pending():
+            return None
+        slot = VIRTQ_AVAIL_RING + 2 * (self.last_avail_idx % self.num)
+        head = _unpack_u16(self._avail, slot)[0]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if head >= self.num:
+            self.malformed += 1
+            raise QueueError(f"queue {self.index}: head {head} out of range")
+        try:
+            return walk_chain(mem, self._desc, self.num, head, self.indirect)
+        except Exception:
+            self.malformed += 1
+            return head
+
+    def push(self, head: int, length: int) -> None:
+        """Return a chain to the driver (the used element first, then used.idx)."""
+        slot = VIRTQ_USED_RING + virtq_used_elem.size * (self.used_idx % self.num)
+        _pack_used(self._used, slot, head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _pack_u16(self._used, VIRTQ_USED_IDX, self.used_idx)
+
+    def needs_notification(self) -> bool:
+        """Whether to signal the call fd for the chains pushed since the last signal."""
+        full_barrier()
+        old = self._signalled_used
+        new = self.used_idx
+        self._signalled_used = new
+        if not self.event_idx:
+            flags = _unpack_u16(self._avail, 0)[0]
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        if old is None:
+            return True
+        used_event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
+        return vring_need_event(used_event, new, old)
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while we drain (without EVENT_IDX)."""
+        if not self.event_idx:
+            _pack_u16(self._used, VIRTQ_USED_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notification(self) -> bool:
+        """Ask for the next kick; return True if chains arrived meanwhile.
+
+        The caller loops while this returns True, so a chain made available
+        between the last pop and the request for a kick is never stranded.
+        """
+        if self.event_idx:
+            _pack_u16(self._used, VIRTQ_USED_RING + virtq_used_elem.size * self.num,
+                      self.last_avail_idx)
+        else:
+            _pack_u16(self._used, VIRTQ_USED_FLAGS, 0)
+        full_barrier()
+        return self.pending() != 0

@@ -1,0 +1,80 @@
+"""Fixtures: the real daemon as a subprocess, and frontends connected to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardfs.testing.frontend import Frontend, FuseClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Daemon:
+    def __init__(self, tmp: Path, *extra: str, queues: int = 1) -> None:
+        self.shared = tmp / "shared"
+        self.shared.mkdir(exist_ok=True)
+        self.socket = str(tmp / "vhost.sock")
+        self.log_path = tmp / "daemon.log"
+        self.queues = queues
+        self.args = [sys.executable, "-m", "shardfs", "--socket-path", self.socket,
+                     "--shared-dir", str(self.shared), "--tag", "shardfs",
+                     "--num-request-queues", str(queues), "--log-level", "debug", *extra]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=REPO)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def frontend(self, **kw: object) -> Frontend:
+        kw.setdefault("num_queues", 1 + self.queues)
+        return Frontend(self.socket, **kw)  # type: ignore[arg-type]
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    rc = d.stop()
+    text = d.log_path.read_text()
+    assert rc == 0, f"daemon exited with {rc}:\n{text}"
+    assert "Traceback" not in text, text
+
+
+@pytest.fixture
+def fuse(daemon: Daemon) -> Iterator[FuseClient]:
+    fe = daemon.frontend().start()
+    client = FuseClient(fe)
+    client.init()
+    yield client
+    fe.close()
