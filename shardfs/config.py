@@ -39,8 +39,9 @@ class Config:
     xattr: bool = True
     log_level: str = "info"
     once: bool = False
-    max_nodes: int = 1 << 17
-    max_handles: int = 1 << 16
+    #: None sizes the budgets from RLIMIT_NOFILE (see fs.passthrough.fs_budgets).
+    max_nodes: int | None = None
+    max_handles: int | None = None
 
     def validate(self) -> Config:
         if self.socket_path is None and self.fd is None:
@@ -66,7 +67,8 @@ class Config:
             raise ConfigError(f"config: log_level: must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
         for name in ("max_nodes", "max_handles"):
-            if getattr(self, name) < 16:
+            value = getattr(self, name)
+            if value is not None and value < 16:
                 raise ConfigError(f"config: {name}: must be at least 16")
         return self
 

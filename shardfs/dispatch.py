@@ -123,10 +123,9 @@ class Dispatcher:
         | F.FUSE_DO_READDIRPLUS | F.FUSE_READDIRPLUS_AUTO | F.FUSE_INIT_EXT
     )
 
-    def __init__(self, fs: FileSystem, *, writeback: bool = False) -> None:
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.stats = Stats()
-        self.writeback = writeback
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
         self.initialized = False
 
@@ -257,10 +256,8 @@ class Dispatcher:
             log.info("INIT again without DESTROY (guest reboot): dropping all nodes")
             self.fs.destroy()
         capable = flags | ((flags2 << 32) if flags & F.FUSE_INIT_EXT else 0)
-        wanted = self.WANTED_INIT_FLAGS
-        if self.writeback:
-            wanted |= F.FUSE_WRITEBACK_CACHE
-        enabled = (capable & wanted) | (capable & self.fs.init(capable))
+        # The filesystem asks for what changes its semantics (writeback).
+        enabled = capable & (self.WANTED_INIT_FLAGS | self.fs.init(capable))
         self.minor = min(minor, F.FUSE_KERNEL_MINOR_VERSION)
         self.initialized = True
         log.info("FUSE INIT: guest 7.%d, speaking 7.%d, flags %#x", minor, self.minor, enabled)
@@ -375,7 +372,7 @@ class Dispatcher:
         s = self.fs.statfs(ctx, nodeid)
         return self._reply(w, F.fuse_kstatfs.pack(
             s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
-            s.f_namemax, s.f_frsize))
+            s.f_namemax, s.f_frsize, 0))
 
     def op_release(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         fh, _flags, _rflags, _owner = r.read_struct(F.fuse_release_in)

@@ -179,6 +179,10 @@ class VhostUserSession:
         except ProtocolError as e:
             log.warning("vhost-user %s refused: %s", name, e)
             ok = False
+            # Fix (unit tests): GET_* always reply, refused or not.  Answering
+            # nothing left the frontend blocked forever on its read.
+            if request in _ALWAYS_REPLY:
+                reply = _refusal(request, payload)
         finally:
             for fd in fds:
                 _close(fd)
@@ -405,6 +409,24 @@ class VhostUserSession:
 
     def _h_GET_STATUS(self, payload: bytes, fds: list[int]) -> bytes:
         return vu.u64.pack(self.status)
+
+
+#: Requests whose reply the frontend always waits for (spec: "REPLY_ACK").
+_ALWAYS_REPLY = frozenset(r for r in FrontendReq if r.name.startswith("GET_"))
+
+
+def _refusal(request: int, payload: bytes) -> bytes:
+    """The reply body of a refused GET_*: one the frontend rejects by its size.
+
+    GET_CONFIG has a form in the spec ("uses zero length of payload to
+    indicate an error"): the config header with size 0, as rust-vmm sends it.
+    Any other GET_* answers an empty body, which QEMU's size check turns into
+    an error instead of a hang.
+    """
+    if request == FrontendReq.GET_CONFIG and len(payload) >= vu.vhost_user_config.size:
+        offset, _, flags = vu.vhost_user_config.unpack_from(payload)
+        return vu.vhost_user_config.pack(offset, 0, flags)
+    return b""
 
 
 def _close(fd: int | None) -> None:

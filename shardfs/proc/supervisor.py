@@ -203,7 +203,7 @@ class Supervisor:
                                      max_handles=cfg.max_handles, xattr=cfg.xattr,
                                      writeback=cfg.writeback)
 
-            Worker(wid, child, make_fs, writeback=cfg.writeback).run()
+            Worker(wid, child, make_fs).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name=f"shardfs-worker-{wid}", daemon=False)
@@ -240,9 +240,16 @@ class Supervisor:
         self._listener: socket.socket | None = listener
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.coordinator = self._fork_coordinator()
-        control.call(self.coordinator.sock, ["ping"])
-        self.workers = [self._fork_worker(i) for i in range(self.cfg.num_request_queues)]
+        try:
+            self.coordinator = self._fork_coordinator()
+            control.call(self.coordinator.sock, ["ping"])
+            self.workers = [self._fork_worker(i) for i in range(self.cfg.num_request_queues)]
+            for w in self.workers:
+                control.call(w.sock, ["ping"])  # each child is up and has named itself
+        except control.ControlError as e:
+            log.error("a child process failed to start (%s); see its log above", e)
+            self._shutdown()
+            return 1
         log.info("serving %s on %s with %d request queue(s), pids: coordinator %d, workers %s",
                  self.cfg.shared_dir, self.cfg.socket_path or f"fd {self.cfg.fd}",
                  self.cfg.num_request_queues, self.coordinator.proc.pid,

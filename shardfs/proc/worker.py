@@ -50,6 +50,16 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def drop_supplementary_groups() -> None:
+    """CVE-2022-0358: a root daemon's groups must not leak into guest-created files.
+
+    Requests run with the caller's fsuid/fsgid; supplementary groups stay
+    with the process, so they are dropped before the first request.
+    """
+    if os.geteuid() == 0:
+        os.setgroups([])
+
+
 @dataclass
 class Ring:
     """A started ring: its queue and the two eventfds the worker owns."""
@@ -67,12 +77,11 @@ class Ring:
 class Worker:
     """State of one worker process; :meth:`run` is the process body."""
 
-    def __init__(self, wid: int, sock: socket.socket, make_fs: Callable[[], FileSystem],
-                 writeback: bool = False) -> None:
+    def __init__(self, wid: int, sock: socket.socket,
+                 make_fs: Callable[[], FileSystem]) -> None:
         self.wid = wid
         self.sock = sock
         self.make_fs = make_fs
-        self.writeback = writeback
         self.mem = GuestMemory()
         self.rings: dict[int, Ring] = {}
         self.by_kick: dict[int, Ring] = {}
@@ -86,7 +95,13 @@ class Worker:
         set_process_name(f"shardfs-w{self.wid}")
         die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.dispatcher = Dispatcher(self.make_fs(), writeback=self.writeback)
+        drop_supplementary_groups()
+        try:
+            fs = self.make_fs()
+        except (OSError, ValueError) as e:
+            log.error("worker %d cannot serve the shared directory: %s", self.wid, e)
+            return
+        self.dispatcher = Dispatcher(fs)
         self.ep.register(self.sock.fileno(), select.EPOLLIN)
         log.debug("worker %d ready", self.wid)
         while self.running:
@@ -283,6 +298,9 @@ class Worker:
                                "malformed": r.queue.malformed, "ready": r.queue.ready}
                       for i, r in self.rings.items()},
         }
+
+    def c_ping(self, args: list[Any], fds: list[int]) -> str:
+        return "pong"
 
     def c_exit(self, args: list[Any], fds: list[int]) -> None:
         self.running = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,20 +17,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Daemon:
-    def __init__(self, tmp: Path, *extra: str, queues: int = 1) -> None:
+    def __init__(self, tmp: Path, *extra: str, queues: int = 1,
+                 tag: str | None = "shardfs") -> None:
         self.shared = tmp / "shared"
         self.shared.mkdir(exist_ok=True)
         self.socket = str(tmp / "vhost.sock")
         self.log_path = tmp / "daemon.log"
         self.queues = queues
         self.args = [sys.executable, "-m", "shardfs", "--socket-path", self.socket,
-                     "--shared-dir", str(self.shared), "--tag", "shardfs",
+                     "--shared-dir", str(self.shared),
                      "--num-request-queues", str(queues), "--log-level", "debug", *extra]
+        if tag is not None:
+            self.args += ["--tag", tag]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=REPO)
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
+        # The supervisor logs "serving" once every child has answered a ping.
+        while "serving" not in self.log_path.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
             time.sleep(0.02)

@@ -1,0 +1,196 @@
+"""State and helpers shared by the passthrough op groups.
+
+:class:`PassthroughBase` holds the node and handle tables and the rules
+every op group relies on:
+
+* A guest name is checked by :func:`check_name`, then resolved as a single
+  component from the parent's O_PATH fd with O_NOFOLLOW, through
+  ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`` where the kernel has it
+  (belt and braces: even a name that slipped past ``check_name`` cannot
+  leave the parent).  A host symlink is never followed.
+* A node is reopened for I/O through ``/proc/self/fd/N`` (as virtiofsd
+  does): that reaches exactly the inode the O_PATH fd holds, with no path
+  walk a guest could influence.  Only regular files and directories are
+  ever reopened (CVE-2020-35517).
+* Guest open flags pass through an allow-list (:data:`HOST_OPEN_FLAGS`).
+
+The op groups are mixins on this base; ``fs.PassthroughFs`` combines them
+and owns the constructor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+
+from shardfs.fs.api import Entry, FileSystem, FsError
+from shardfs.fs.passthrough import sys as lsys
+from shardfs.fs.passthrough.handles import Handle, HandleTable
+from shardfs.fs.passthrough.nodes import Node, NodeTable
+from shardfs.fs.passthrough.policy import CachePolicy
+
+#: OPEN of anything but a regular file or directory answers this (DESIGN §4,
+#: CVE-2020-35517).  ENXIO is what open(2) itself says for a socket, and a
+#: guest kernel never sends OPEN for a FIFO or device (it serves those
+#: itself), so only a hostile or confused guest ever sees it.
+SPECIAL_OPEN_ERRNO = errno.ENXIO
+
+#: Guest open flags forwarded to the host open; everything else (O_CREAT,
+#: O_EXCL, O_NOCTTY, O_PATH, O_TMPFILE, O_ASYNC, O_LARGEFILE, unknown bits)
+#: is dropped.  O_NOFOLLOW is dropped too: the node is already resolved and
+#: the /proc magic link would make it ELOOP.
+HOST_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_DIRECT | os.O_SYNC
+                   | os.O_DSYNC | os.O_NOATIME | os.O_NONBLOCK)
+
+#: How a guest name is resolved under its parent when openat2 is available.
+RESOLVE_ONE_NAME = lsys.RESOLVE_BENEATH | lsys.RESOLVE_NO_SYMLINKS | lsys.RESOLVE_NO_MAGICLINKS
+
+#: Permission bits (with setuid, setgid, sticky) a guest mode may carry.
+MODE_PERM_MASK = (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IRWXU | stat.S_IRWXG
+                  | stat.S_IRWXO)
+
+#: The file-type bits of a mode (``stat`` has only the S_IFMT() function).
+S_IFMT_MASK = stat.S_IFMT(0xFFFF_FFFF)
+
+#: Largest file offset: loff_t is signed 64-bit.
+OFF_MAX = (1 << 63) - 1
+
+#: iovecs one preadv/pwritev takes (UIO_MAXIOV); longer lists are split.
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+#: Where the reopen magic links live.
+PROC_SELF_FD = "/proc/self/fd"
+
+
+def check_offset(offset: int) -> int:
+    """A guest file offset must fit loff_t."""
+    if not 0 <= offset <= OFF_MAX:
+        raise FsError(errno.EINVAL)
+    return offset
+
+
+def kill_suidgid_mode(mode: int) -> int:
+    """The mode without the bits a write or truncate by a non-CAP_FSETID caller kills.
+
+    As ``setattr_should_drop_suidgid``: S_ISUID always; S_ISGID only with
+    S_IXGRP (without it the bit marks mandatory locking, not setgid).
+    """
+    kill = stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    return mode & ~kill
+
+
+def total_len(buffers: Sequence[memoryview]) -> int:
+    return sum(b.nbytes for b in buffers)
+
+
+class PassthroughBase(FileSystem):
+    """Tables, policy and the resolution helpers (see the module doc)."""
+
+    _nodes: NodeTable
+    _handles: HandleTable
+    _policy: CachePolicy
+    _xattr: bool
+    _writeback: bool
+    #: FUSE_WRITEBACK_CACHE was offered and we asked for it at INIT.
+    _writeback_on: bool
+    _has_openat2: bool
+    #: O_PATH fd on /proc/self/fd, for the reopen magic links.
+    _proc_fd: int
+
+    # -- ids ------------------------------------------------------------------
+
+    def _node(self, nodeid: int) -> Node:
+        return self._nodes.get(nodeid)
+
+    def _dir(self, nodeid: int) -> Node:
+        """A node that must be a directory (a parent in a name op)."""
+        node = self._nodes.get(nodeid)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def _file_handle(self, fh: int) -> Handle:
+        """A handle from OPEN/CREATE; EBADF if it is a directory handle."""
+        h = self._handles.get(fh)
+        if h.is_dir:
+            raise FsError(errno.EBADF)
+        return h
+
+    def _dir_handle(self, fh: int) -> Handle:
+        """A handle from OPENDIR; EBADF if it is a file handle."""
+        h = self._handles.get(fh)
+        if not h.is_dir:
+            raise FsError(errno.EBADF)
+        return h
+
+    # -- resolution ---------------------------------------------------------
+
+    def _open_child(self, parent: Node, name: bytes, flags: int, mode: int = 0) -> int:
+        """Open the single component ``name`` under ``parent``; caller owns the fd.
+
+        ``name`` must already have passed ``check_name``.  O_NOFOLLOW and
+        O_CLOEXEC are always added.
+        """
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if self._has_openat2:
+            return lsys.openat2(parent.fd, name, flags, mode, RESOLVE_ONE_NAME)
+        return os.open(name, flags, mode, dir_fd=parent.fd)
+
+    def _reopen_fd(self, fd: int, flags: int) -> int:
+        """Open the inode an fd holds, through its /proc magic link; caller owns it.
+
+        O_NOFOLLOW is always stripped: it would open (O_PATH) or refuse
+        (ELOOP) the magic link instead of the inode behind it.
+        """
+        return os.open(str(fd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
+    def _reopen(self, node: Node, flags: int) -> int:
+        """Open a regular file or directory node for I/O; caller owns the fd."""
+        if not (node.is_reg or node.is_dir):
+            raise FsError(SPECIAL_OPEN_ERRNO)
+        return self._reopen_fd(node.fd, flags)
+
+    def _proc_path(self, node: Node) -> str:
+        """The magic-link path of a node, for calls that take no dir_fd (xattrs).
+
+        It resolves to the node's own inode, never further: when the node
+        is a symlink, the symlink itself (checked by the contract tests).
+        """
+        return f"{PROC_SELF_FD}/{node.fd}"
+
+    def _lookup_node(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        """Resolve ``name`` and count one lookup of its node."""
+        fd = self._open_child(parent, name, os.O_PATH)
+        try:
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._nodes.insert(fd, st), st
+
+    def _entry(self, node: Node, st: os.stat_result) -> Entry:
+        return Entry(node.nodeid, node.generation, st, self._policy.entry_timeout_s,
+                     self._policy.attr_timeout_s)
+
+    # -- flags --------------------------------------------------------------
+
+    def _host_open_flags(self, flags: int) -> int:
+        """Guest open flags -> host flags (allow-list; writeback adjustments).
+
+        With the writeback cache the guest kernel may READ through a handle
+        it opened write-only (to fill a partial page) and keeps the append
+        position itself, so O_WRONLY becomes O_RDWR and O_APPEND is dropped,
+        as virtiofsd does.
+        """
+        flags &= HOST_OPEN_FLAGS
+        if flags & os.O_ACCMODE == os.O_ACCMODE:
+            raise FsError(errno.EINVAL)
+        if self._writeback_on:
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags

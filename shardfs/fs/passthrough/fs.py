@@ -1,0 +1,216 @@
+"""``PassthroughFs``: serve a host directory to the guest.
+
+The op groups live in their own modules (``names``, ``files``, ``dirs``,
+``attrs``, ``xattrs``) as mixins on ``core.PassthroughBase``; this module
+combines them and owns construction, INIT/DESTROY and FORGET.
+
+Process-wide effects of construction, on purpose:
+
+* ``umask(0)``: the guest's umask arrives with every creating request and
+  is applied here; a host umask on top would change the modes the guest
+  asked for (virtiofsd does the same at start-up).
+* The soft RLIMIT_NOFILE is raised to the hard limit, and the node and
+  handle budgets plus :data:`FD_RESERVE` are fitted below it (scaled
+  down, with a warning, when asked for more), so a guest can never run
+  the daemon out of fds (CVE-2020-10717).  The budgets are per instance:
+  the daemon runs one instance per process.
+
+One instance is driven by one thread: the tables are not locked, and a
+FORGET racing an op on another thread could close an fd that op is using.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+from shardfs.abi.fuse import FUSE_WRITEBACK_CACHE
+from shardfs.fs.passthrough import sys as lsys
+from shardfs.fs.passthrough.attrs import AttrOps
+from shardfs.fs.passthrough.core import PROC_SELF_FD, RESOLVE_ONE_NAME
+from shardfs.fs.passthrough.dirs import DirOps
+from shardfs.fs.passthrough.files import FileOps
+from shardfs.fs.passthrough.handles import DEFAULT_MAX_HANDLES, HandleTable
+from shardfs.fs.passthrough.names import NameOps
+from shardfs.fs.passthrough.nodes import DEFAULT_MAX_NODES, NodeTable
+from shardfs.fs.passthrough.policy import cache_policy
+from shardfs.fs.passthrough.xattrs import XattrOps
+
+log = logging.getLogger("shardfs.fs.passthrough")
+
+#: Fds kept free for the daemon itself (sockets, eventfds, memory regions,
+#: the short-lived fds an op opens and closes).
+FD_RESERVE = 1024
+#: Without explicit budgets, nodes get this share of the fds available.
+NODE_SHARE = 0.75
+#: fs.nr_open's default: the most RLIMIT_NOFILE can be when the hard limit is infinite.
+NR_OPEN_DEFAULT = 1 << 20
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return the soft limit now.
+
+    Only the soft limit moves (raising the hard one needs CAP_SYS_RESOURCE,
+    which a sandboxed daemon does not have); an operator who wants more
+    raises the hard limit before starting us.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NR_OPEN_DEFAULT if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # keep the soft limit we have; the budgets are checked against it
+    return NR_OPEN_DEFAULT if soft == resource.RLIM_INFINITY else soft
+
+
+def fd_budgets(max_nodes: int | None, max_handles: int | None) -> tuple[int, int]:
+    """The node and handle budgets, fitted below RLIMIT_NOFILE.
+
+    A budget left as None takes a share of what the limit allows (capped at
+    the table's default).  Budgets that together exceed the limit, less
+    :data:`FD_RESERVE`, are scaled down in proportion and a warning is
+    logged: a guest must never be able to run the daemon out of fds
+    (CVE-2020-10717), and refusing to start over a too-generous setting
+    would help no one.  ValueError for budgets below the minimum (one node
+    for the root, no negative handle count) or a limit too small for that.
+    """
+    if (max_nodes is not None and max_nodes < 1) or (max_handles is not None
+                                                     and max_handles < 0):
+        raise ValueError(f"budgets {max_nodes} nodes / {max_handles} handles: need at least "
+                         "1 node (the root) and no negative handle count")
+    limit = raise_fd_limit()
+    available = limit - FD_RESERVE
+    if available < 1:
+        raise ValueError(f"RLIMIT_NOFILE {limit} leaves no fds for nodes after the "
+                         f"{FD_RESERVE} reserved")
+    if max_nodes is None:
+        rest = available - (max_handles or 0)
+        max_nodes = min(DEFAULT_MAX_NODES, int(rest * NODE_SHARE) if max_handles is None
+                        else rest)
+        max_nodes = max(max_nodes, 1)
+    if max_handles is None:
+        max_handles = max(min(DEFAULT_MAX_HANDLES, available - max_nodes), 0)
+    total = max_nodes + max_handles
+    if total > available:
+        nodes = max(max_nodes * available // total, 1)
+        handles = max(min(max_handles * available // total, available - nodes), 0)
+        log.warning("%d nodes + %d handles + %d reserved fds exceed RLIMIT_NOFILE (%d); "
+                    "using %d nodes and %d handles", max_nodes, max_handles, FD_RESERVE,
+                    limit, nodes, handles)
+        max_nodes, max_handles = nodes, handles
+    return max_nodes, max_handles
+
+
+def _probe_openat2(dirfd: int) -> bool:
+    """Whether openat2 works here (Linux 5.6+, and not filtered by seccomp)."""
+    try:
+        fd = lsys.openat2(dirfd, b".", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_ONE_NAME)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
+    """A FileSystem that passes every op through to ``shared_dir`` on the host.
+
+    Contracts (beyond ``shardfs.fs.api``): names never leave their parent
+    and host symlinks are never followed; only regular files and
+    directories are ever opened; creating ops run with the caller's
+    fsuid/fsgid; every fd is owned by the node table, the handle table, or
+    the op that opened it (closed before it returns, error or not).
+    """
+
+    def __init__(self, shared_dir: str, *, cache: str = "auto",
+                 max_nodes: int | None = None, max_handles: int | None = None,
+                 xattr: bool = True, writeback: bool = False) -> None:
+        """Serve ``shared_dir`` (an admin-given path; symlinks in it are followed).
+
+        ``cache`` is a ``policy`` name (never, metadata, auto, always).
+        ``max_nodes`` counts the root; ``max_handles`` counts OPEN, CREATE
+        and OPENDIR handles together; None sizes them from RLIMIT_NOFILE
+        (see :func:`fd_budgets`).  ``writeback`` asks for
+        FUSE_WRITEBACK_CACHE at INIT.  See the module doc for the
+        process-wide effects.
+        """
+        self._policy = cache_policy(cache)
+        max_nodes, max_handles = fd_budgets(max_nodes, max_handles)
+        self._xattr = xattr
+        self._writeback = writeback
+        self._writeback_on = False
+        self._proc_fd = os.open(PROC_SELF_FD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._nodes = NodeTable(root_fd, max_nodes)
+        except BaseException:
+            os.close(self._proc_fd)
+            raise
+        self._handles = HandleTable(max_handles)
+        self._has_openat2 = _probe_openat2(root_fd)
+        os.umask(0)
+
+    # -- session ------------------------------------------------------------
+
+    def init(self, capable: int) -> int:
+        """Ask for FUSE_WRITEBACK_CACHE when configured and offered.
+
+        The dispatcher enables ``capable & returned``, so writeback is on
+        exactly when both hold, and the open flags follow that.
+        """
+        self._writeback_on = self._writeback and bool(capable & FUSE_WRITEBACK_CACHE)
+        return FUSE_WRITEBACK_CACHE if self._writeback_on else 0
+
+    def destroy(self) -> None:
+        """Close every handle and drop every node but the root."""
+        self._handles.clear()
+        self._nodes.clear()
+        self._writeback_on = False
+
+    def close(self) -> None:
+        """Release every fd, the root's and /proc's included; the end of the instance."""
+        self._handles.clear()
+        self._nodes.close()
+        if self._proc_fd >= 0:
+            os.close(self._proc_fd)
+            self._proc_fd = -1
+
+    def __enter__(self) -> PassthroughFs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lookup counts ------------------------------------------------------
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop ``nlookup`` lookups (clamped at zero); unknown ids are ignored."""
+        try:
+            self._nodes.forget(nodeid, nlookup)
+        except OSError:
+            pass  # close(2) of an O_PATH fd has nothing to report; never raise here
+
+    def batch_forget(self, items: list[tuple[int, int]]) -> None:
+        """BATCH_FORGET: ``forget`` for each (nodeid, nlookup) pair."""
+        for nodeid, nlookup in items:
+            self.forget(nodeid, nlookup)
+
+    # -- introspection (tests, stats) ----------------------------------------
+
+    def node_count(self) -> int:
+        """Nodes held, the root included."""
+        return len(self._nodes)
+
+    def handle_count(self) -> int:
+        return len(self._handles)
+
+    def budgets(self) -> tuple[int, int]:
+        """The (max_nodes, max_handles) in force after fitting them to RLIMIT_NOFILE."""
+        return self._nodes.max_nodes, self._handles.max_handles
+
+    def lookup_count(self, nodeid: int) -> int:
+        """The node's lookup count; ENOENT once it is released."""
+        return self._nodes.get(nodeid).nlookup
+

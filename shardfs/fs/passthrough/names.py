@@ -1,0 +1,127 @@
+"""Namespace ops: LOOKUP, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK.
+
+Every name passes :func:`check_name` and is resolved as one component under
+its parent's O_PATH fd; nothing here follows a host symlink.  Ops that make
+a new inode (MKNOD, MKDIR, SYMLINK; CREATE lives in ``files``) run under
+the caller's fsuid/fsgid, apply the guest's umask themselves (the daemon
+runs with umask 0), check the node budget *before* touching the host, and
+answer an :class:`Entry` that counts one lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from shardfs.fs.api import Context, Entry, FsError, check_name
+from shardfs.fs.passthrough import sys as lsys
+from shardfs.fs.passthrough.core import MODE_PERM_MASK, S_IFMT_MASK, PassthroughBase
+from shardfs.fs.passthrough.creds import caller_creds
+from shardfs.fs.passthrough.nodes import Node
+
+#: A symlink target is at most PATH_MAX bytes including its NUL (linux/limits.h).
+PATH_MAX = 4096
+
+#: The mode bits MKNOD forwards: the file type and the permission bits.
+MKNOD_MODE_MASK = S_IFMT_MASK | MODE_PERM_MASK
+
+#: dev_t is 64-bit on Linux.
+DEV_MAX = (1 << 64) - 1
+
+
+class NameOps(PassthroughBase):
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        """Resolve ``name`` under ``parent``; +1 lookup on its node (new or not)."""
+        dirnode = self._dir(parent)
+        check_name(name)
+        node, st = self._lookup_node(dirnode, name)
+        return self._entry(node, st)
+
+    def _created(self, dirnode: Node, name: bytes) -> Entry:
+        """The entry for a name just made (outside the caller's creds)."""
+        node, st = self._lookup_node(dirnode, name)
+        return self._entry(node, st)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        """Make symlink ``name`` -> ``target``; the target is stored, never resolved."""
+        dirnode = self._dir(parent)
+        check_name(name)
+        if b"\0" in target:
+            raise FsError(errno.EINVAL)
+        if not target:
+            raise FsError(errno.ENOENT)  # what symlink(2) says for an empty target
+        if len(target) >= PATH_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        self._nodes.check_room()
+        with caller_creds(ctx):
+            os.symlink(target, name, dir_fd=dirnode.fd)
+        return self._created(dirnode, name)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
+              umask: int) -> Entry:
+        """mknodat(2) of a regular file, FIFO, socket or device (the kernel decides).
+
+        A non-root caller has no CAP_MKNOD under its fsuid, so only guest
+        root makes device nodes.
+        """
+        dirnode = self._dir(parent)
+        check_name(name)
+        if not 0 <= rdev <= DEV_MAX:
+            raise FsError(errno.EINVAL)
+        mode &= MKNOD_MODE_MASK & ~(umask & MODE_PERM_MASK)
+        self._nodes.check_room()
+        with caller_creds(ctx):
+            os.mknod(name, mode, rdev, dir_fd=dirnode.fd)
+        return self._created(dirnode, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        dirnode = self._dir(parent)
+        check_name(name)
+        mode &= MODE_PERM_MASK & ~umask
+        self._nodes.check_room()
+        with caller_creds(ctx):
+            os.mkdir(name, mode, dir_fd=dirnode.fd)
+        return self._created(dirnode, name)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        """unlinkat(2); a node the guest still holds keeps its inode alive."""
+        dirnode = self._dir(parent)
+        check_name(name)
+        os.unlink(name, dir_fd=dirnode.fd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        dirnode = self._dir(parent)
+        check_name(name)
+        os.rmdir(name, dir_fd=dirnode.fd)
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        """renameat2(2) with RENAME_NOREPLACE/EXCHANGE/WHITEOUT; other flags EINVAL."""
+        olddir = self._dir(parent)
+        newdir = self._dir(newparent)
+        check_name(name)
+        check_name(newname)
+        if flags & ~lsys.RENAME_FLAGS:
+            raise FsError(errno.EINVAL)
+        if flags:
+            lsys.renameat2(olddir.fd, name, newdir.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=olddir.fd, dst_dir_fd=newdir.fd)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        """Hard-link the node as ``newname``: +1 lookup on the same nodeid.
+
+        linkat(AT_SYMLINK_FOLLOW) of the node's /proc magic link links the
+        inode itself (a symlink node gets a second name for the symlink;
+        nothing is followed) without needing CAP_DAC_READ_SEARCH as
+        AT_EMPTY_PATH would.
+        """
+        node = self._node(nodeid)
+        dirnode = self._dir(newparent)
+        check_name(newname)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        os.link(str(node.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dirnode.fd,
+                follow_symlinks=True)
+        st = os.stat(node.fd)
+        return self._entry(self._nodes.bump(nodeid), st)

@@ -1,0 +1,191 @@
+"""Thin ctypes wrappers for the Linux calls Python's :mod:`os` lacks.
+
+Each wrapper is one syscall: arguments go straight through, and a failure
+raises ``OSError(errno)`` as :mod:`os` does, so callers treat both alike
+(the FileSystem contract maps an ``OSError`` to ``-errno`` for the guest).
+
+Nothing here knows about FUSE or nodes.  Constants carry the names of
+``<linux/fcntl.h>``, ``<linux/stat.h>``, ``<linux/openat2.h>`` and
+``<linux/fs.h>``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# <linux/fcntl.h>
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EACCESS = 0x200
+AT_EMPTY_PATH = 0x1000
+
+# renameat2(2) flags, <linux/fs.h>
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+
+# utimensat(2) special nanosecond values, <linux/stat.h>
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+# openat2(2), <linux/openat2.h>; the syscall number is the same on every arch.
+SYS_openat2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+#: ``(uid_t)-1``/``(gid_t)-1``: "leave unchanged" for fchownat, "query" for setfsuid.
+ID_UNCHANGED = 0xFFFF_FFFF
+
+#: ``struct linux_dirent64`` header: d_ino u64, d_off s64, d_reclen u16, d_type u8.
+_DIRENT64 = struct.Struct("=QqHB")
+
+
+class Timespec(ctypes.Structure):
+    """``struct timespec`` (time_t and long are both 64-bit on Linux LP64)."""
+
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_long)]
+
+
+class OpenHow(ctypes.Structure):
+    """``struct open_how`` for openat2(2)."""
+
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def _fn(name: str, restype: type, *argtypes: type) -> Callable[..., int]:
+    """The libc function ``name`` with its C signature declared."""
+    f = getattr(_libc, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
+
+
+_c_int, _c_uint, _c_char_p = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p
+_renameat2 = _fn("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
+_utimensat = _fn("utimensat", _c_int, _c_int, _c_char_p, ctypes.POINTER(Timespec), _c_int)
+_fchownat = _fn("fchownat", _c_int, _c_int, _c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                _c_int)
+_fallocate = _fn("fallocate", _c_int, _c_int, _c_int, ctypes.c_int64, ctypes.c_int64)
+_syncfs = _fn("syncfs", _c_int, _c_int)
+_setfsuid = _fn("setfsuid", _c_int, ctypes.c_uint32)
+_setfsgid = _fn("setfsgid", _c_int, ctypes.c_uint32)
+_getdents64 = _fn("getdents64", ctypes.c_ssize_t, _c_int, ctypes.c_void_p, ctypes.c_size_t)
+_faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    """renameat2(2): RENAME_NOREPLACE/EXCHANGE/WHITEOUT; never follows a symlink."""
+    _check(_renameat2(olddirfd, old, newdirfd, new, flags))
+
+
+def utimensat(fd: int, path: bytes, times: tuple[tuple[int, int], tuple[int, int]],
+              flags: int) -> None:
+    """utimensat(2); ``times`` is ((atime_s, atime_ns), (mtime_s, mtime_ns)).
+
+    A nanosecond field of UTIME_NOW or UTIME_OMIT takes its special meaning.
+    With ``path=b""`` and AT_EMPTY_PATH it works on an O_PATH fd (Linux 5.8+)
+    and sets the times of the inode itself, even a symlink.
+    """
+    ts = (Timespec * 2)(Timespec(*times[0]), Timespec(*times[1]))
+    _check(_utimensat(fd, path, ts, flags))
+
+
+def fchownat(fd: int, path: bytes, uid: int, gid: int, flags: int) -> None:
+    """fchownat(2); ID_UNCHANGED (``-1``) leaves that id alone."""
+    _check(_fchownat(fd, path, uid & ID_UNCHANGED, gid & ID_UNCHANGED, flags))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with the FALLOC_FL_* ``mode`` passed through unchanged."""
+    _check(_fallocate(fd, ctypes.c_int(mode).value, offset, length))
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): the fd must be a real open file, not O_PATH."""
+    _check(_syncfs(fd))
+
+
+def setfsuid(uid: int) -> int:
+    """setfsuid(2) for the calling thread only; returns the previous fsuid.
+
+    The syscall reports no error: check with ``setfsuid(ID_UNCHANGED)``,
+    which changes nothing and returns the current value.
+    """
+    return int(_setfsuid(uid & ID_UNCHANGED)) & ID_UNCHANGED
+
+
+def setfsgid(gid: int) -> int:
+    """setfsgid(2) for the calling thread only; returns the previous fsgid."""
+    return int(_setfsgid(gid & ID_UNCHANGED)) & ID_UNCHANGED
+
+
+def faccessat(fd: int, path: bytes, mode: int, flags: int) -> None:
+    """faccessat2(2) (glibc routes flags to it); raises on denial."""
+    _check(_faccessat(fd, path, mode, flags))
+
+
+def openat2(dirfd: int, path: bytes, flags: int, mode: int, resolve: int) -> int:
+    """openat2(2): open ``path`` under ``dirfd`` with RESOLVE_* restrictions.
+
+    Returns a new fd that the caller owns.  Unlike openat, unknown flag bits
+    and a mode without O_CREAT/O_TMPFILE are EINVAL.
+    """
+    how = OpenHow(flags, mode, resolve)
+    ret = _syscall(ctypes.c_long(SYS_openat2), ctypes.c_long(dirfd), ctypes.c_char_p(path),
+                   ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(int(ret))
+
+
+def getdents64(fd: int, buf: bytearray) -> int:
+    """getdents64(2) into ``buf``; returns the bytes filled (0 at the end)."""
+    cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
+    return _check(int(_getdents64(fd, ctypes.addressof(cbuf), len(buf))))
+
+
+class Dirent64(NamedTuple):
+    """One ``struct linux_dirent64``; ``off`` is the cookie that resumes after it."""
+
+    ino: int
+    off: int
+    type: int
+    name: bytes
+
+
+def parse_dirents(buf: bytes | bytearray, length: int) -> Iterator[Dirent64]:
+    """Parse the first ``length`` bytes getdents64 filled in ``buf``, lazily.
+
+    Records come from the kernel, but lengths are still checked so that a
+    short or corrupt record ends the walk instead of looping or overrunning.
+    """
+    pos = 0
+    hdr = _DIRENT64.size
+    length = min(length, len(buf))
+    while pos + hdr <= length:
+        ino, off, reclen, dtype = _DIRENT64.unpack_from(buf, pos)
+        if reclen < hdr or pos + reclen > length:
+            return
+        end = buf.find(b"\0", pos + hdr, pos + reclen)
+        if end < 0:
+            end = pos + reclen
+        yield Dirent64(ino, off, dtype, bytes(buf[pos + hdr:end]))
+        pos += reclen
