@@ -47,7 +47,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     for name in FIELDS:
         value = getattr(args, name, None)
         if value is not None:
-            out[name] = coerce(name, value, f"--{name.replace('_', '-')}")
+            out[name] = coerce(name, value, f"--{name.replace('_', '-')}", from_cli=True)
     return out
 
 

@@ -81,12 +81,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def coerce(name: str, value: Any, source: str = "config") -> Any:
-    """Check one value's type (TOML) or parse it (command line strings)."""
+def coerce(name: str, value: Any, source: str = "config", from_cli: bool = False) -> Any:
+    """Check one value's type (TOML) or parse it (command-line strings)."""
     if name not in FIELDS:
         raise ConfigError(f"{source}: {name}: unknown field")
     types = _TYPES[name]
-    if isinstance(value, str) and types[0] is not str:
+    if from_cli and isinstance(value, str) and types[0] is not str:
         if types[0] is bool:
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -115,9 +115,19 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"config: {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path}: {e}") from None
-        section = data.pop("shardfs", data)
+        # Settings live in a [shardfs] table, or at the top level of a file without one.
+        section = data.pop("shardfs", None) if "shardfs" in data else data
+        if not isinstance(section, dict):
+            raise ConfigError(f"config {path}: shardfs: must be a table")
+        for key in data if section is not data else ():
+            raise ConfigError(f"config {path}: {key}: unknown field (settings go in [shardfs])")
         for key, value in section.items():
             setattr(cfg, key, coerce(key, value, f"config {path}"))
+    # The two ways to get a socket exclude each other: a flag picks one.
+    if "fd" in overrides:
+        cfg.socket_path = None
+    if "socket_path" in overrides:
+        cfg.fd = None
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg.validate()

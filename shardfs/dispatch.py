@@ -161,6 +161,12 @@ class Dispatcher:
         handler = self.TABLE.get(opcode)
         if handler is None:
             return self._reply_error(w, unique, errno.ENOSYS, opcode)
+        if w.capacity < OUT_HDR + REPLY_BYTES.get(opcode, 0):
+            # Refuse before the filesystem acts: a LOOKUP whose entry cannot
+            # be delivered would leave a lookup count the guest never learns.
+            stats.malformed += 1
+            log.warning("opcode %d: reply buffer of %d bytes is too small", opcode, w.capacity)
+            return self._reply_error(w, unique, errno.EINVAL, opcode)
         ctx = Context(uid, gid, pid)
         try:
             n = handler(self, ctx, nodeid, r, w)
@@ -504,6 +510,23 @@ class Dispatcher:
         raise FsError(errno.ENOTTY)
 
     TABLE: dict[int, Handler] = {}
+
+
+#: Fixed reply sizes of ops whose effect must not happen unless the reply fits.
+REPLY_BYTES = {
+    Op.FUSE_LOOKUP: F.fuse_entry_out.size,
+    Op.FUSE_MKNOD: F.fuse_entry_out.size,
+    Op.FUSE_MKDIR: F.fuse_entry_out.size,
+    Op.FUSE_SYMLINK: F.fuse_entry_out.size,
+    Op.FUSE_LINK: F.fuse_entry_out.size,
+    Op.FUSE_CREATE: F.fuse_entry_out.size + F.fuse_open_out.size,
+    Op.FUSE_OPEN: F.fuse_open_out.size,
+    Op.FUSE_OPENDIR: F.fuse_open_out.size,
+    Op.FUSE_GETATTR: F.fuse_attr_out.size,
+    Op.FUSE_SETATTR: F.fuse_attr_out.size,
+    Op.FUSE_WRITE: F.fuse_write_out.size,
+    Op.FUSE_INIT: F.fuse_init_out.size,
+}
 
 
 def _ns(secs: int, nsec: int) -> int:

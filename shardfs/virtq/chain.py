@@ -8,7 +8,8 @@ device-writable parts as two streams.
 Walking is bounded as the spec requires (virtio 1.2 §2.7.5.3):
 
 * a chain visits at most ``queue size`` direct descriptors, and an indirect
-  table at most its own length, so loops end;
+  table at most its own length and never more than the 65536 entries a le16
+  ``next`` can reach, so loops end quickly;
 * an indirect table inside an indirect table is refused (§2.7.5.3.1: "The
   driver MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an indirect
   descriptor");
@@ -34,6 +35,9 @@ from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 
 #: Used-ring lengths are u32; a chain may not describe more than this.
 MAX_CHAIN_BYTES = (1 << 32) - 1
+
+#: Descriptors an indirect table walk may visit: every index a le16 ``next`` reaches.
+MAX_INDIRECT_WALK = 1 << 16
 
 _DESC_SIZE = virtq_desc.size
 _unpack_desc = virtq_desc.unpack_from
@@ -86,7 +90,12 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
                 table = mem.view(addr, length)
             except GuestMemoryError as e:
                 raise ChainError(str(e)) from e
-            num = ttl = length // _DESC_SIZE
+            num = length // _DESC_SIZE
+            # Fix (unit tests): ``next`` is a le16, so only the first 65536
+            # entries are reachable and a longer walk must be a loop.  A ttl of
+            # the table's length let one 4 GiB table loop for 2**28 steps, each
+            # allocating a view: memory exhaustion from a single chain.
+            ttl = min(num, MAX_INDIRECT_WALK)
             in_indirect = True
             idx = 0
             continue
