@@ -120,6 +120,10 @@ class FileSystem:
     def destroy(self) -> None:
         """Drop every node and handle except the root (FUSE_DESTROY, reboot)."""
 
+    def idle(self) -> None:
+        """Called between batches of requests: a chance to release resources
+        that another process freed (shared state).  Never raises."""
+
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         raise FsError(errno.ENOSYS)
 

@@ -53,6 +53,9 @@ from shardfs.codec.vhost_user import (
     parse_header,
 )
 from shardfs.config import Config
+from shardfs.fs.passthrough import PassthroughFs
+from shardfs.fs.passthrough.fs import fd_budgets
+from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.coordinator import Coordinator
 from shardfs.proc.worker import Worker, set_process_name
@@ -185,6 +188,9 @@ class Supervisor:
         self.workers: list[Child] = []
         self.coordinator: Child | None = None
         self.stopping = False
+        # Node and handle identity shared by every worker (fs.passthrough.shared),
+        # made before any fork so that every child inherits the same mapping.
+        self.shared = SharedState(*fd_budgets(cfg.max_nodes, cfg.max_handles))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- process tree ---------------------------------------------------------
@@ -192,16 +198,16 @@ class Supervisor:
     def _fork_worker(self, wid: int) -> Child:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cfg = self.cfg
+        shared = self.shared
 
         def body() -> None:
             parent.close()
             self._close_inherited()
-            from shardfs.fs.passthrough import PassthroughFs
 
             def make_fs() -> PassthroughFs:
                 return PassthroughFs(cfg.shared_dir, cache=cfg.cache, max_nodes=cfg.max_nodes,
                                      max_handles=cfg.max_handles, xattr=cfg.xattr,
-                                     writeback=cfg.writeback)
+                                     writeback=cfg.writeback, shared=shared, worker=wid)
 
             Worker(wid, child, make_fs).run()
 

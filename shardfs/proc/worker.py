@@ -158,6 +158,7 @@ class Worker:
             ring.errors.append(str(e))
             q.ready = False
         ring.served += pushed
+        self.dispatcher.fs.idle()
         if pushed and ring.call_fd is not None and q.ready and q.needs_notification():
             os.eventfd_write(ring.call_fd, 1)
             ring.notifications += 1

@@ -25,11 +25,13 @@ import os
 import stat
 from collections.abc import Sequence
 
+from shardfs.abi.fuse import FUSE_WRITEBACK_CACHE
 from shardfs.fs.api import Entry, FileSystem, FsError
 from shardfs.fs.passthrough import sys as lsys
-from shardfs.fs.passthrough.handles import Handle, HandleTable
-from shardfs.fs.passthrough.nodes import Node, NodeTable
+from shardfs.fs.passthrough.handles import Handle
+from shardfs.fs.passthrough.nodes import Node
 from shardfs.fs.passthrough.policy import CachePolicy
+from shardfs.fs.passthrough.shared import SharedHandleTable, SharedNodeTable, SharedState
 
 #: OPEN of anything but a regular file or directory answers this (DESIGN §4,
 #: CVE-2020-35517).  ENXIO is what open(2) itself says for a socket, and a
@@ -90,16 +92,20 @@ def total_len(buffers: Sequence[memoryview]) -> int:
 class PassthroughBase(FileSystem):
     """Tables, policy and the resolution helpers (see the module doc)."""
 
-    _nodes: NodeTable
-    _handles: HandleTable
+    _nodes: SharedNodeTable
+    _handles: SharedHandleTable
+    _shared: SharedState
     _policy: CachePolicy
     _xattr: bool
     _writeback: bool
-    #: FUSE_WRITEBACK_CACHE was offered and we asked for it at INIT.
-    _writeback_on: bool
     _has_openat2: bool
     #: O_PATH fd on /proc/self/fd, for the reopen magic links.
     _proc_fd: int
+
+    @property
+    def _writeback_on(self) -> bool:
+        """Writeback as negotiated at INIT, which only one worker sees: shared state."""
+        return bool(self._shared.init_flags & FUSE_WRITEBACK_CACHE)
 
     # -- ids ------------------------------------------------------------------
 

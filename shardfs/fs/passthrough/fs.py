@@ -31,10 +31,11 @@ from shardfs.fs.passthrough.attrs import AttrOps
 from shardfs.fs.passthrough.core import PROC_SELF_FD, RESOLVE_ONE_NAME
 from shardfs.fs.passthrough.dirs import DirOps
 from shardfs.fs.passthrough.files import FileOps
-from shardfs.fs.passthrough.handles import DEFAULT_MAX_HANDLES, HandleTable
+from shardfs.fs.passthrough.handles import DEFAULT_MAX_HANDLES
 from shardfs.fs.passthrough.names import NameOps
-from shardfs.fs.passthrough.nodes import DEFAULT_MAX_NODES, NodeTable
+from shardfs.fs.passthrough.nodes import DEFAULT_MAX_NODES, Node
 from shardfs.fs.passthrough.policy import cache_policy
+from shardfs.fs.passthrough.shared import SharedHandleTable, SharedNodeTable, SharedState
 from shardfs.fs.passthrough.xattrs import XattrOps
 
 log = logging.getLogger("shardfs.fs.passthrough")
@@ -126,7 +127,8 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
 
     def __init__(self, shared_dir: str, *, cache: str = "auto",
                  max_nodes: int | None = None, max_handles: int | None = None,
-                 xattr: bool = True, writeback: bool = False) -> None:
+                 xattr: bool = True, writeback: bool = False,
+                 shared: SharedState | None = None, worker: int = 0) -> None:
         """Serve ``shared_dir`` (an admin-given path; symlinks in it are followed).
 
         ``cache`` is a ``policy`` name (never, metadata, auto, always).
@@ -135,20 +137,27 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         (see :func:`fd_budgets`).  ``writeback`` asks for
         FUSE_WRITEBACK_CACHE at INIT.  See the module doc for the
         process-wide effects.
+
+        ``shared`` is the node and handle state every worker process shares
+        (:mod:`shardfs.fs.passthrough.shared`); ``worker`` names this
+        process in it.  Without one, the instance makes a private state
+        sized by the budgets.
         """
         self._policy = cache_policy(cache)
         max_nodes, max_handles = fd_budgets(max_nodes, max_handles)
+        if shared is None:
+            shared = SharedState(max_nodes, max_handles)
+        self._shared = shared
         self._xattr = xattr
         self._writeback = writeback
-        self._writeback_on = False
         self._proc_fd = os.open(PROC_SELF_FD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._nodes = NodeTable(root_fd, max_nodes)
+            self._nodes = SharedNodeTable(shared, root_fd, worker)
         except BaseException:
             os.close(self._proc_fd)
             raise
-        self._handles = HandleTable(max_handles)
+        self._handles = SharedHandleTable(shared, self._nodes, self._reopen_handle)
         self._has_openat2 = _probe_openat2(root_fd)
         os.umask(0)
 
@@ -160,14 +169,26 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         The dispatcher enables ``capable & returned``, so writeback is on
         exactly when both hold, and the open flags follow that.
         """
-        self._writeback_on = self._writeback and bool(capable & FUSE_WRITEBACK_CACHE)
-        return FUSE_WRITEBACK_CACHE if self._writeback_on else 0
+        on = self._writeback and bool(capable & FUSE_WRITEBACK_CACHE)
+        self._shared.init_flags = FUSE_WRITEBACK_CACHE if on else 0
+        return FUSE_WRITEBACK_CACHE if on else 0
+
+    def _reopen_handle(self, node: Node, flags: int, is_dir: bool) -> int:
+        """An fd for a handle another worker opened (OPEN on one queue, READ on another)."""
+        if is_dir:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        return self._reopen(node, flags)
 
     def destroy(self) -> None:
         """Close every handle and drop every node but the root."""
         self._handles.clear()
         self._nodes.clear()
-        self._writeback_on = False
+        self._shared.init_flags = 0
+
+    def idle(self) -> None:
+        """Close the fds this worker cached for nodes and handles freed elsewhere."""
+        self._nodes.sync()
+        self._handles.sync()
 
     def close(self) -> None:
         """Release every fd, the root's and /proc's included; the end of the instance."""
@@ -212,5 +233,5 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
 
     def lookup_count(self, nodeid: int) -> int:
         """The node's lookup count; ENOENT once it is released."""
-        return self._nodes.get(nodeid).nlookup
+        return self._nodes.nlookup(nodeid)
 

@@ -1,0 +1,637 @@
+"""Node and handle state shared by every worker process (DESIGN §2).
+
+**Decision.** The guest may send a nodeid from a LOOKUP answered on one
+request queue on any other queue, FORGET arrives on hiprio, and an fh from
+OPEN on queue 1 may be READ on queue 3.  So the *identity* of nodes and
+handles lives in one shared-memory arena that the supervisor creates before
+it forks the workers (inherited ``MAP_SHARED`` memory), and each worker keeps
+only a *cache* of fds:
+
+* A node slot holds the lookup count, (dev, ino), the inode type and the
+  inode's **file handle**.  A worker that meets a nodeid it has no fd for
+  opens it with ``open_by_handle_at`` (O_PATH), checks (dev, ino), and caches
+  the fd.  A handle slot holds the node and the open flags; a worker without
+  an fd for it reopens the node with those flags (minus O_CREAT, O_EXCL and
+  O_TRUNC, which already took effect).
+* Lookup counts are exact: every change happens under one robust,
+  process-shared mutex, so LOOKUP on queue 2 and FORGET on hiprio compose.
+* Ids carry a generation: ``nodeid = gen << 32 | slot`` and likewise for
+  fhs.  A freed slot's generation moves on, so a stale or forged id is
+  ENOENT/EBADF, never another file.  The root is slot 1, generation 0:
+  FUSE_ROOT_ID.
+* When a node or handle is freed, its (slot, generation) goes into a shared
+  log; every worker replays the log before it resolves an id and closes the
+  fds it cached for freed slots, so nothing leaks when the guest forgets or
+  releases through another queue.  A worker that fell more than
+  :data:`LOG_ENTRIES` behind re-checks its whole cache.
+
+Why not the alternatives: a coordinator round trip costs about 82 us per
+call here (DESIGN §5), far too slow for LOOKUP and READ; SCM_RIGHTS fd
+passing needs the worker that holds the fd to be alive and to answer, which
+breaks crash isolation.  File handles survive the worker that made them.
+
+Limits: a node on another filesystem than the shared dir (a submount), or on
+a filesystem without file handles, is *owned* by the worker that looked it
+up; other workers answer ESTALE for it.  With one request queue there is no
+other worker, so nothing changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Callable
+
+from shardfs.abi.fuse import FUSE_ROOT_ID
+from shardfs.fs.api import FsError
+from shardfs.fs.passthrough.fhandle import (
+    MAX_HANDLE_SZ,
+    MUTEX_BYTES,
+    RobustMutex,
+    name_to_handle,
+    open_by_handle,
+)
+from shardfs.fs.passthrough.handles import Handle
+from shardfs.fs.passthrough.nodes import BUDGET_ERRNO, Node
+
+#: Freed-slot log entries kept for workers to replay.
+LOG_ENTRIES = 4096
+LOG_NODE, LOG_HANDLE, LOG_CLEAR_NODES, LOG_CLEAR_HANDLES = 1, 2, 3, 4
+FREE, USED = 0, 1
+#: ``owner`` of a slot any worker may reopen (it has a usable file handle).
+ANY_WORKER = -1
+_SLOT_MASK = 0xFFFF_FFFF
+_GEN_SHIFT = 32
+
+# header: capacity_nodes, capacity_handles, nodes_used, handles_used,
+#         node_free_top, handle_free_top, init_flags, log_seq
+_HDR = struct.Struct("<IIIIIIQQ")
+_U32 = struct.Struct("<I")
+# node slot: gen, state, nlookup, dev, ino, kind, owner, handle_type, handle_bytes, handle
+_NODE = struct.Struct(f"<IIQQQIiiI{MAX_HANDLE_SZ}s")
+_NODE_HEAD = struct.Struct("<IIQ")  # gen, state, nlookup
+# handle slot: gen, state, nodeid, flags, is_dir
+_HANDLE = struct.Struct("<IIQiI")
+_LOG = struct.Struct("<III4x")  # kind, slot, gen
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+class SharedState:
+    """The arena: header, free stacks, (dev, ino) index, slots and the log.
+
+    Create it once, before forking; every process that inherits it calls
+    the tables' constructors with its own worker id.
+    """
+
+    def __init__(self, max_nodes: int, max_handles: int) -> None:
+        self.cap_nodes = max_nodes + 1  # slot 0 is never used
+        self.cap_handles = max_handles + 1
+        self.index_size = _pow2_at_least(2 * self.cap_nodes)
+        off = MUTEX_BYTES
+        self.hdr_off = off
+        off += _HDR.size
+        self.node_free_off = off
+        off += 4 * self.cap_nodes
+        self.handle_free_off = off
+        off += 4 * self.cap_handles
+        self.index_off = off
+        off += 4 * self.index_size
+        self.log_off = off = (off + 7) & ~7
+        off += _LOG.size * LOG_ENTRIES
+        self.nodes_off = off
+        off += _NODE.size * self.cap_nodes
+        self.handles_off = off
+        off += _HANDLE.size * self.cap_handles
+        self.size = off
+        self.mem = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.lock = RobustMutex(self.mem, 0, create=True)
+        _HDR.pack_into(self.mem, self.hdr_off, self.cap_nodes, self.cap_handles, 0, 0, 0, 0,
+                       0, 0)
+        self._init_free(self.node_free_off, self.cap_nodes, first=FUSE_ROOT_ID + 1, hdr_field=4)
+        self._init_free(self.handle_free_off, self.cap_handles, first=1, hdr_field=5)
+
+    # -- header fields ----------------------------------------------------------
+
+    def _hdr(self, i: int) -> int:
+        return int(_HDR.unpack_from(self.mem, self.hdr_off)[i])
+
+    def _set_hdr(self, i: int, value: int) -> None:
+        fmt_off = struct.calcsize("<" + _HDR.format[1:][:i])
+        struct.pack_into("<" + _HDR.format[1 + i], self.mem, self.hdr_off + fmt_off, value)
+
+    @property
+    def init_flags(self) -> int:
+        """The FUSE INIT flags in force, seen by every worker (only one gets INIT)."""
+        return self._hdr(6)
+
+    @init_flags.setter
+    def init_flags(self, value: int) -> None:
+        self._set_hdr(6, value)
+
+    def log_seq(self) -> int:
+        return self._hdr(7)
+
+    # -- free stacks -------------------------------------------------------------
+
+    def _init_free(self, off: int, cap: int, first: int, hdr_field: int) -> None:
+        slots = list(range(cap - 1, first - 1, -1))
+        for i, s in enumerate(slots):
+            _U32.pack_into(self.mem, off + 4 * i, s)
+        self._set_hdr(hdr_field, len(slots))
+
+    def pop_free(self, off: int, hdr_field: int) -> int | None:
+        top = self._hdr(hdr_field)
+        if top == 0:
+            return None
+        top -= 1
+        self._set_hdr(hdr_field, top)
+        return int(_U32.unpack_from(self.mem, off + 4 * top)[0])
+
+    def push_free(self, off: int, hdr_field: int, slot: int) -> None:
+        top = self._hdr(hdr_field)
+        _U32.pack_into(self.mem, off + 4 * top, slot)
+        self._set_hdr(hdr_field, top + 1)
+
+    # -- log -----------------------------------------------------------------------
+
+    def append_log(self, kind: int, slot: int, gen: int) -> None:
+        seq = self.log_seq()
+        _LOG.pack_into(self.mem, self.log_off + _LOG.size * (seq % LOG_ENTRIES), kind, slot, gen)
+        self._set_hdr(7, seq + 1)
+
+    def read_log(self, seq: int) -> tuple[int, int, int]:
+        kind, slot, gen = _LOG.unpack_from(self.mem, self.log_off + _LOG.size * (seq % LOG_ENTRIES))
+        return kind, slot, gen
+
+    # -- (dev, ino) index: linear probing with backward-shift deletion -------------
+
+    def _home(self, dev: int, ino: int) -> int:
+        return hash((dev, ino)) & (self.index_size - 1)
+
+    def _index_get(self, i: int) -> int:
+        return int(_U32.unpack_from(self.mem, self.index_off + 4 * i)[0])
+
+    def _index_set(self, i: int, slot1: int) -> None:
+        _U32.pack_into(self.mem, self.index_off + 4 * i, slot1)
+
+    def index_find(self, dev: int, ino: int) -> int | None:
+        """The node slot for (dev, ino), or None."""
+        mask = self.index_size - 1
+        i = self._home(dev, ino)
+        while True:
+            v = self._index_get(i)
+            if v == 0:
+                return None
+            slot = v - 1
+            sdev, sino = self.node_key(slot)
+            if sdev == dev and sino == ino:
+                return slot
+            i = (i + 1) & mask
+
+    def index_add(self, dev: int, ino: int, slot: int) -> None:
+        mask = self.index_size - 1
+        i = self._home(dev, ino)
+        while self._index_get(i):
+            i = (i + 1) & mask
+        self._index_set(i, slot + 1)
+
+    def index_remove(self, dev: int, ino: int, slot: int) -> None:
+        mask = self.index_size - 1
+        i = self._home(dev, ino)
+        while self._index_get(i) != slot + 1:
+            if self._index_get(i) == 0:
+                return
+            i = (i + 1) & mask
+        # Backward shift: pull later entries of the run into the hole.
+        j = i
+        while True:
+            j = (j + 1) & mask
+            v = self._index_get(j)
+            if v == 0:
+                break
+            home = self._home(*self.node_key(v - 1))
+            # Move v to the hole i unless its home lies cyclically in (i, j].
+            if (j - home) & mask >= (j - i) & mask:
+                self._index_set(i, v)
+                i = j
+        self._index_set(i, 0)
+
+    # -- node slots -------------------------------------------------------------------
+
+    def node_off(self, slot: int) -> int:
+        return self.nodes_off + _NODE.size * slot
+
+    def node_key(self, slot: int) -> tuple[int, int]:
+        off = self.node_off(slot) + _NODE_HEAD.size
+        dev, ino = struct.unpack_from("<QQ", self.mem, off)
+        return dev, ino
+
+    def node_head(self, slot: int) -> tuple[int, int, int]:
+        """(gen, state, nlookup) of a node slot."""
+        gen, state, nlookup = _NODE_HEAD.unpack_from(self.mem, self.node_off(slot))
+        return gen, state, nlookup
+
+    def handle_off(self, slot: int) -> int:
+        return self.handles_off + _HANDLE.size * slot
+
+
+def split_id(ident: int) -> tuple[int, int]:
+    """(slot, gen) of a nodeid or fh."""
+    return ident & _SLOT_MASK, ident >> _GEN_SHIFT
+
+
+def make_id(slot: int, gen: int) -> int:
+    return gen << _GEN_SHIFT | slot
+
+
+class SharedNodeTable:
+    """The NodeTable interface over :class:`SharedState` (see the module doc).
+
+    Fd ownership: this worker's cache owns the fds in it; ``insert`` takes
+    ownership of the fd it is given in every outcome, as NodeTable does.
+    """
+
+    def __init__(self, state: SharedState, root_fd: int, worker: int) -> None:
+        self.s = state
+        self.worker = worker
+        self.max_nodes = state.cap_nodes - 1
+        try:
+            st = os.stat(root_fd)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        self.root = Node(FUSE_ROOT_ID, root_fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode),
+                         nlookup=1)
+        self.root_dev = st.st_dev
+        # open_by_handle_at refuses an O_PATH mount_fd: keep a real one.
+        self.mount_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+        self._cache: dict[int, tuple[int, Node]] = {}
+        self._seen = state.log_seq()
+        with state.lock:
+            gen, state_, _ = state.node_head(FUSE_ROOT_ID)
+            if state_ != USED:
+                _NODE.pack_into(state.mem, state.node_off(FUSE_ROOT_ID), 0, USED, 1, st.st_dev,
+                                st.st_ino, stat.S_IFMT(st.st_mode), ANY_WORKER, 0, 0, b"")
+                state.index_add(st.st_dev, st.st_ino, FUSE_ROOT_ID)
+                state._set_hdr(2, state._hdr(2) + 1)
+
+    # -- cache upkeep -------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Close cached fds of slots freed anywhere since the last sync."""
+        s = self.s
+        seq = s.log_seq()
+        if seq == self._seen:
+            return
+        if seq - self._seen > LOG_ENTRIES:
+            self._sweep()
+        else:
+            for n in range(self._seen, seq):
+                kind, slot, gen = s.read_log(n)
+                if kind == LOG_NODE:
+                    self._evict(slot, gen)
+                elif kind == LOG_CLEAR_NODES:
+                    self._sweep()
+        self._seen = seq
+
+    def _evict(self, slot: int, gen: int) -> None:
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            del self._cache[slot]
+            os.close(cached[1].fd)
+
+    def _sweep(self) -> None:
+        for slot, (gen, node) in list(self._cache.items()):
+            sgen, state, _ = self.s.node_head(slot)
+            if sgen != gen or state != USED:
+                del self._cache[slot]
+                os.close(node.fd)
+
+    # -- NodeTable interface ------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.s._hdr(2)
+
+    def __contains__(self, nodeid: int) -> bool:
+        try:
+            self.get(nodeid)
+        except FsError:
+            return False
+        return True
+
+    def check_room(self) -> None:
+        if self.s._hdr(2) >= self.max_nodes:
+            raise FsError(BUDGET_ERRNO)
+
+    def get(self, nodeid: int) -> Node:
+        """The node for ``nodeid`` with an fd this worker owns; ENOENT if not live."""
+        if nodeid == FUSE_ROOT_ID:
+            return self.root
+        self.sync()
+        slot, gen = split_id(nodeid)
+        if not 1 < slot < self.s.cap_nodes:
+            raise FsError(errno.ENOENT)
+        sgen, state, nlookup = self.s.node_head(slot)
+        if sgen != gen or state != USED:
+            raise FsError(errno.ENOENT)
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        return self._open(slot, gen, nodeid)
+
+    def _open(self, slot: int, gen: int, nodeid: int) -> Node:
+        (sgen, state, nlookup, dev, ino, kind, owner, htype, hlen,
+         handle) = _NODE.unpack_from(self.s.mem, self.s.node_off(slot))
+        if sgen != gen or state != USED:
+            raise FsError(errno.ENOENT)
+        if owner != ANY_WORKER:
+            raise FsError(errno.ESTALE)  # see "Limits" in the module doc
+        fd = open_by_handle(self.mount_fd, htype, handle[:hlen],
+                            os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.stat(fd)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise FsError(errno.ESTALE)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = Node(nodeid, fd, dev, ino, kind, nlookup)
+        self._cache[slot] = (gen, node)
+        return node
+
+    def insert(self, fd: int, st: os.stat_result) -> Node:
+        """Count one lookup of the inode ``fd`` refers to; takes ownership of ``fd``.
+
+        The fd becomes this worker's cached fd for the node unless it already
+        has one (then it is closed), as NodeTable does for a known inode.
+        """
+        try:
+            found = self._count(st)
+            if found is None:
+                found = self._add(st, self._handle_of(fd, st))
+        except BaseException:
+            os.close(fd)
+            raise
+        slot, gen = found
+        if slot == FUSE_ROOT_ID:
+            os.close(fd)
+            return self.root
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            os.close(fd)
+            return cached[1]
+        if cached is not None:
+            os.close(cached[1].fd)
+        node = Node(make_id(slot, gen), fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), 0)
+        self._cache[slot] = (gen, node)
+        return node
+
+    def _handle_of(self, fd: int, st: os.stat_result) -> tuple[int, int, bytes]:
+        """(owner, handle_type, handle) for a new node."""
+        if st.st_dev != self.root_dev:
+            return self.worker, 0, b""
+        try:
+            htype, handle, _mnt = name_to_handle(fd)
+        except OSError:
+            return self.worker, 0, b""
+        return ANY_WORKER, htype, handle
+
+    def _count_locked(self, st: os.stat_result) -> tuple[int, int] | None:
+        s = self.s
+        slot = s.index_find(st.st_dev, st.st_ino)
+        if slot is None:
+            return None
+        gen, state, nlookup = s.node_head(slot)
+        _NODE_HEAD.pack_into(s.mem, s.node_off(slot), gen, state, nlookup + 1)
+        return slot, gen
+
+    def _count(self, st: os.stat_result) -> tuple[int, int] | None:
+        """Add a lookup to the node of (dev, ino) if there is one: its (slot, gen)."""
+        with self.s.lock:
+            return self._count_locked(st)
+
+    def _add(self, st: os.stat_result, handle: tuple[int, int, bytes]) -> tuple[int, int]:
+        """Make a node with one lookup (or count one, if another worker just made it)."""
+        s = self.s
+        owner, htype, hbytes = handle
+        with s.lock:
+            found = self._count_locked(st)
+            if found is not None:
+                return found
+            slot = s.pop_free(s.node_free_off, 4) if s._hdr(2) < self.max_nodes else None
+            if slot is None:
+                raise FsError(BUDGET_ERRNO)
+            gen = s.node_head(slot)[0]
+            _NODE.pack_into(s.mem, s.node_off(slot), gen, USED, 1, st.st_dev, st.st_ino,
+                            stat.S_IFMT(st.st_mode), owner, htype, len(hbytes), hbytes)
+            s.index_add(st.st_dev, st.st_ino, slot)
+            s._set_hdr(2, s._hdr(2) + 1)
+            return slot, gen
+
+    def bump(self, nodeid: int) -> Node:
+        node = self.get(nodeid)
+        slot, gen = split_id(nodeid)
+        s = self.s
+        with s.lock:
+            sgen, state, nlookup = s.node_head(slot)
+            if sgen != gen or state != USED:
+                raise FsError(errno.ENOENT)
+            _NODE_HEAD.pack_into(s.mem, s.node_off(slot), sgen, state, nlookup + 1)
+        return node
+
+    def nlookup(self, nodeid: int) -> int:
+        slot, gen = split_id(nodeid)
+        sgen, state, n = self.s.node_head(slot)
+        if sgen != gen or state != USED:
+            raise FsError(errno.ENOENT)
+        return n
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop lookups (clamped at zero); free the node at zero.  Never raises."""
+        slot, gen = split_id(nodeid)
+        if nlookup <= 0 or slot == FUSE_ROOT_ID or not 1 < slot < self.s.cap_nodes:
+            return
+        s = self.s
+        with s.lock:
+            sgen, state, count = s.node_head(slot)
+            if sgen != gen or state != USED:
+                return
+            count = max(count - nlookup, 0)
+            if count:
+                _NODE_HEAD.pack_into(s.mem, s.node_off(slot), sgen, state, count)
+                return
+            self._free_locked(slot, sgen)
+        self.sync()
+
+    def _free_locked(self, slot: int, gen: int) -> None:
+        s = self.s
+        dev, ino = s.node_key(slot)
+        s.index_remove(dev, ino, slot)
+        _NODE_HEAD.pack_into(s.mem, s.node_off(slot), (gen + 1) & _SLOT_MASK, FREE, 0)
+        s.push_free(s.node_free_off, 4, slot)
+        s._set_hdr(2, s._hdr(2) - 1)
+        s.append_log(LOG_NODE, slot, gen)
+
+    def clear(self) -> None:
+        """Release every node but the root, in every worker (DESTROY, re-INIT)."""
+        s = self.s
+        with s.lock:
+            for slot in range(FUSE_ROOT_ID + 1, s.cap_nodes):
+                gen, state, _ = s.node_head(slot)
+                if state == USED:
+                    self._free_locked(slot, gen)
+            s.append_log(LOG_CLEAR_NODES, 0, 0)
+        self.sync()
+
+    def close(self) -> None:
+        for _, node in self._cache.values():
+            os.close(node.fd)
+        self._cache.clear()
+        if self.root.fd >= 0:
+            os.close(self.root.fd)
+            os.close(self.mount_fd)
+            self.root.fd = self.mount_fd = -1
+
+
+class SharedHandleTable:
+    """The HandleTable interface over :class:`SharedState`.
+
+    ``reopen(node, flags, is_dir)`` opens an fd for a handle this worker has
+    not seen; it receives the node from ``nodes``.
+    """
+
+    def __init__(self, state: SharedState, nodes: SharedNodeTable,
+                 reopen: Callable[[Node, int, bool], int]) -> None:
+        self.s = state
+        self.nodes = nodes
+        self.reopen = reopen
+        self.max_handles = state.cap_handles - 1
+        self._cache: dict[int, tuple[int, Handle]] = {}
+        self._seen = state.log_seq()
+
+    def sync(self) -> None:
+        s = self.s
+        seq = s.log_seq()
+        if seq == self._seen:
+            return
+        if seq - self._seen > LOG_ENTRIES:
+            self._sweep()
+        else:
+            for n in range(self._seen, seq):
+                kind, slot, gen = s.read_log(n)
+                if kind == LOG_HANDLE:
+                    cached = self._cache.get(slot)
+                    if cached is not None and cached[0] == gen:
+                        del self._cache[slot]
+                        os.close(cached[1].fd)
+                elif kind == LOG_CLEAR_HANDLES:
+                    self._sweep()
+        self._seen = seq
+
+    def _sweep(self) -> None:
+        for slot, (gen, h) in list(self._cache.items()):
+            sgen, state = struct.unpack_from("<II", self.s.mem, self.s.handle_off(slot))
+            if sgen != gen or state != USED:
+                del self._cache[slot]
+                os.close(h.fd)
+
+    def __len__(self) -> int:
+        return self.s._hdr(3)
+
+    def __contains__(self, fh: int) -> bool:
+        try:
+            self.get(fh)
+        except (FsError, OSError):
+            return False
+        return True
+
+    def check_room(self) -> None:
+        if self.s._hdr(3) >= self.max_handles:
+            raise FsError(BUDGET_ERRNO)
+
+    def add(self, fd: int, nodeid: int, *, is_dir: bool, flags: int) -> Handle:
+        """Register ``fd`` under a fresh fh; takes ownership of ``fd``."""
+        s = self.s
+        try:
+            with s.lock:
+                if s._hdr(3) >= self.max_handles:
+                    raise FsError(BUDGET_ERRNO)
+                slot = s.pop_free(s.handle_free_off, 5)
+                if slot is None:
+                    raise FsError(BUDGET_ERRNO)
+                gen = struct.unpack_from("<I", s.mem, s.handle_off(slot))[0]
+                _HANDLE.pack_into(s.mem, s.handle_off(slot), gen, USED, nodeid, flags,
+                                  int(is_dir))
+                s._set_hdr(3, s._hdr(3) + 1)
+        except BaseException:
+            os.close(fd)
+            raise
+        h = Handle(make_id(slot, gen), fd, nodeid, is_dir, flags)
+        self._cache[slot] = (gen, h)
+        return h
+
+    def get(self, fh: int) -> Handle:
+        """The live handle with an fd this worker owns, or FsError(EBADF)."""
+        self.sync()
+        slot, gen = split_id(fh)
+        if not 0 < slot < self.s.cap_handles:
+            raise FsError(errno.EBADF)
+        sgen, state, nodeid, flags, is_dir = _HANDLE.unpack_from(self.s.mem,
+                                                                 self.s.handle_off(slot))
+        if sgen != gen or state != USED:
+            raise FsError(errno.EBADF)
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        node = self.nodes.get(nodeid)
+        fd = self.reopen(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC), bool(is_dir))
+        h = Handle(fh, fd, nodeid, bool(is_dir), flags)
+        self._cache[slot] = (gen, h)
+        return h
+
+    def is_live(self, h: Handle) -> bool:
+        slot, gen = split_id(h.fh)
+        cached = self._cache.get(slot)
+        if cached is None or cached[1] is not h:
+            return False
+        sgen, state = struct.unpack_from("<II", self.s.mem, self.s.handle_off(slot))
+        return bool(sgen == gen and state == USED)
+
+    def close(self, fh: int) -> None:
+        """RELEASE: free the fh everywhere; EBADF if it is not live."""
+        slot, gen = split_id(fh)
+        if not 0 < slot < self.s.cap_handles:
+            raise FsError(errno.EBADF)
+        s = self.s
+        with s.lock:
+            sgen, state = struct.unpack_from("<II", s.mem, s.handle_off(slot))
+            if sgen != gen or state != USED:
+                raise FsError(errno.EBADF)
+            self._free_locked(slot, sgen)
+        self.sync()
+
+    def _free_locked(self, slot: int, gen: int) -> None:
+        s = self.s
+        struct.pack_into("<II", s.mem, s.handle_off(slot), (gen + 1) & _SLOT_MASK, FREE)
+        s.push_free(s.handle_free_off, 5, slot)
+        s._set_hdr(3, s._hdr(3) - 1)
+        s.append_log(LOG_HANDLE, slot, gen)
+
+    def clear(self) -> None:
+        s = self.s
+        with s.lock:
+            for slot in range(1, s.cap_handles):
+                gen, state = struct.unpack_from("<II", s.mem, s.handle_off(slot))
+                if state == USED:
+                    self._free_locked(slot, gen)
+            s.append_log(LOG_CLEAR_HANDLES, 0, 0)
+        self.sync()

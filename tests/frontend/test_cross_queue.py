@@ -1,0 +1,139 @@
+"""Node and handle identity across request queues (DESIGN §2).
+
+Two request queues mean two worker processes; a nodeid or fh answered on one
+queue must work on the other, FORGET on hiprio must count against lookups
+made anywhere, and nothing may stay open once the guest lets go.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardfs.abi import fuse as F
+from shardfs.abi.fuse import FuseOpcode as Op
+from shardfs.testing.frontend import Frontend, FuseClient
+from tests.frontend.conftest import Daemon
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[Daemon, Frontend, FuseClient, FuseClient]]:
+    d = Daemon(tmp_path, queues=2)
+    fe = d.frontend().start()
+    q1, q2 = FuseClient(fe, queue=1), FuseClient(fe, queue=2)
+    q1.init()
+    yield d, fe, q1, q2
+    fe.close()
+    assert d.stop() == 0
+    assert "Traceback" not in d.log_path.read_text()
+
+
+def _worker_fds(d: Daemon) -> dict[str, int]:
+    out = {}
+    for pid in d.children():
+        name = open(f"/proc/{pid}/comm").read().strip()
+        if name.startswith("shardfs-w"):
+            out[name] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def _getattr(c: FuseClient, nodeid: int) -> int:
+    return c.call(Op.FUSE_GETATTR, nodeid, F.fuse_getattr_in.pack(0, 0, 0)).error
+
+
+def test_nodeid_from_one_queue_works_on_the_other(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    (d.shared / "dir").mkdir()
+    (d.shared / "dir" / "f").write_bytes(b"data")
+    dnode = q1.lookup(1, b"dir")[0]
+    fnode = q2.lookup(dnode, b"f")[0]  # a parent from worker 0 used by worker 1
+    assert q1.getattr(fnode)[3 + 1] == 4  # size, seen by worker 0
+    assert q1.lookup(dnode, b"f")[0] == fnode  # one inode, one nodeid everywhere
+
+
+def test_fh_from_one_queue_works_on_the_other(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    entry, fh = q1.create(1, b"f")
+    assert q2.write(entry[0], fh, 0, b"written on queue 2") == 18
+    assert q1.read(entry[0], fh, 0, 100) == b"written on queue 2"
+    q2.release(entry[0], fh)
+    r = q1.call(Op.FUSE_READ, entry[0], F.fuse_read_in.pack(fh, 0, 10, 0, 0, 0, 0))
+    assert r.error == -errno.EBADF
+    assert (d.shared / "f").read_bytes() == b"written on queue 2"
+
+
+def test_dir_handle_across_queues(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    for i in range(20):
+        (d.shared / f"e{i}").touch()
+    fh = int(F.fuse_open_out.unpack(q1.ok(Op.FUSE_OPENDIR, 1,
+                                          F.fuse_open_in.pack(os.O_RDONLY, 0)))[0])
+    first = q1.readdir(1, fh, 0, size=256)
+    rest = []
+    off = first[-1][1]
+    while batch := q2.readdir(1, fh, off, size=256):
+        rest += batch
+        off = batch[-1][1]
+    names = {n for *_, n in first + rest}
+    assert names == {b".", b".."} | {f"e{i}".encode() for i in range(20)}
+
+
+def test_lookup_counts_are_exact_across_queues_and_hiprio(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    (d.shared / "f").touch()
+    ids = {q1.lookup(1, b"f")[0] for _ in range(3)} | {q2.lookup(1, b"f")[0] for _ in range(2)}
+    (nodeid,) = ids
+    q1.forget(nodeid, 4)  # hiprio: worker 0
+    assert _getattr(q2, nodeid) == 0
+    q1.forget(nodeid, 1)
+    assert _getattr(q2, nodeid) == -errno.ENOENT
+    assert _getattr(q1, nodeid) == -errno.ENOENT
+    # A new lookup gets a new nodeid: the old one stays dead.
+    assert q2.lookup(1, b"f")[0] != nodeid
+
+
+def test_forget_through_hiprio_closes_fds_in_every_worker(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    for i in range(30):
+        (d.shared / f"f{i}").write_bytes(b"x")
+    assert q2.getattr(1) and q1.getattr(1)
+    before = _worker_fds(d)
+    nodes = []
+    for i in range(30):
+        nodes.append(q1.lookup(1, f"f{i}".encode())[0])
+        assert _getattr(q2, nodes[-1]) == 0  # worker 1 opens it by file handle
+        _, fh = q2.create(1, f"g{i}".encode())
+        nodes.append(_[0])
+        q1.release(nodes[-1], fh)  # released on the other queue
+    grown = _worker_fds(d)
+    assert all(grown[k] > before[k] for k in before)
+    for n in nodes:
+        q1.forget(n, 1)
+    # One request on each queue lets each worker catch up with the frees.
+    assert q1.getattr(1) and q2.getattr(1)
+    assert _worker_fds(d) == before
+
+
+def test_forged_and_stale_ids_on_every_queue(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    (d.shared / "f").touch()
+    nodeid = q1.lookup(1, b"f")[0]
+    forged = [nodeid + 1, nodeid ^ (1 << 32), 0, (1 << 64) - 1, 1 << 31]
+    for c in (q1, q2):
+        for n in forged:
+            assert _getattr(c, n) == -errno.ENOENT, hex(n)
+        for fh in (0, 1, 1 << 32 | 1, (1 << 64) - 1):
+            r = c.call(Op.FUSE_READ, nodeid, F.fuse_read_in.pack(fh, 0, 10, 0, 0, 0, 0))
+            assert r.error == -errno.EBADF
+
+
+def test_reinit_on_one_queue_resets_all(two: tuple) -> None:
+    d, fe, q1, q2 = two
+    (d.shared / "f").touch()
+    nodeid = q2.lookup(1, b"f")[0]
+    q1.init()  # a guest reboot: INIT arrives on one queue only
+    assert _getattr(q2, nodeid) == -errno.ENOENT
