@@ -1,0 +1,135 @@
+"""The shared arena behind node and handle identity (fs/passthrough/shared.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+from pathlib import Path
+
+import pytest
+
+from shardfs.fs.api import FsError
+from shardfs.fs.passthrough.shared import (
+    LOG_ENTRIES,
+    SharedHandleTable,
+    SharedNodeTable,
+    SharedState,
+    split_id,
+)
+
+
+@pytest.mark.parametrize("base", [0, 2040])  # 2040: runs wrap past the index end
+def test_index_survives_random_insert_and_delete(base: int) -> None:
+    s = SharedState(512, 16)
+    # Force long collision runs: every key hashes to one of 8 homes.
+    s._home = lambda dev, ino: (base + dev * 2 + ino // 1024) & (s.index_size - 1)  # type: ignore[method-assign]
+    model: dict[tuple[int, int], int] = {}
+    rng = random.Random(7)
+    free = list(range(2, 500))
+    for _ in range(5000):
+        if model and rng.random() < 0.45:
+            key = rng.choice(list(model))
+            slot = model.pop(key)
+            s.index_remove(*key, slot)
+            free.append(slot)
+        elif len(model) < 400:
+            # Keys collide on purpose: few distinct homes in a 1024-entry index.
+            key = (rng.randrange(4), rng.randrange(64) * 1024)
+            if key in model:
+                continue
+            slot = free.pop(rng.randrange(len(free)))
+            struct.pack_into("<QQ", s.mem, s.node_off(slot) + 16, *key)
+            s.index_add(*key, slot)
+            model[key] = slot
+        for key, sl in list(model.items())[:5]:
+            assert s.index_find(*key) == sl
+    for key, sl in model.items():
+        assert s.index_find(*key) == sl
+
+
+def _open(p: Path) -> tuple[int, os.stat_result]:
+    fd = os.open(p, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return fd, os.stat(fd)
+
+
+def test_two_tables_share_identity_and_counts(tmp_path: Path) -> None:
+    s = SharedState(64, 16)
+    a = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    b = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=1)
+    (tmp_path / "f").write_text("x")
+    n1 = a.insert(*_open(tmp_path / "f"))
+    n2 = b.insert(*_open(tmp_path / "f"))
+    assert n1.nodeid == n2.nodeid and a.nlookup(n1.nodeid) == 2
+    assert os.path.samestat(os.stat(b.get(n1.nodeid).fd), os.stat(tmp_path / "f"))
+    a.forget(n1.nodeid, 1)
+    assert b.nlookup(n1.nodeid) == 1
+    b.forget(n1.nodeid, 1 << 63)  # huge counts clamp
+    with pytest.raises(FsError):
+        a.get(n1.nodeid)
+    b.sync()
+    assert not b._cache and not a._cache
+    a.close()
+    b.close()
+
+
+def test_log_overflow_falls_back_to_a_full_sweep(tmp_path: Path) -> None:
+    s = SharedState(LOG_ENTRIES * 2, 16)
+    a = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    b = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=1)
+    (tmp_path / "keep").touch()
+    keep = a.insert(*_open(tmp_path / "keep"))
+    b.get(keep.nodeid)
+    (tmp_path / "f").touch()
+    for _ in range(LOG_ENTRIES + 10):  # more frees than the log holds
+        n = a.insert(*_open(tmp_path / "f"))
+        a.forget(n.nodeid, 1)
+    b.sync()
+    assert list(b._cache) == [split_id(keep.nodeid)[0]]
+    a.close()
+    b.close()
+
+
+def test_handles_reopen_in_another_table(tmp_path: Path) -> None:
+    s = SharedState(16, 16)
+    a = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    b = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=1)
+    reopened = []
+
+    def reopen(node: object, flags: int, is_dir: bool) -> int:
+        reopened.append(flags)
+        return os.open(tmp_path / "f", flags)
+
+    ha = SharedHandleTable(s, a, reopen)
+    hb = SharedHandleTable(s, b, reopen)
+    (tmp_path / "f").write_text("abc")
+    node = a.insert(*_open(tmp_path / "f"))
+    h = ha.add(os.open(tmp_path / "f", os.O_RDWR | os.O_TRUNC), node.nodeid, is_dir=False,
+               flags=os.O_RDWR | os.O_TRUNC)
+    other = hb.get(h.fh)
+    assert reopened == [os.O_RDWR]  # O_TRUNC is not applied twice
+    assert other.fd != h.fd
+    hb.close(h.fh)
+    with pytest.raises(FsError):
+        ha.get(h.fh)
+    assert not ha._cache and not hb._cache
+    for t in (a, b):
+        t.close()
+
+
+def test_robust_mutex_recovers_from_a_holder_killed(tmp_path: Path) -> None:
+    s = SharedState(16, 16)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the lock and dies holding it
+        s.lock.__enter__()
+        os.write(w, b"x")
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.read(r, 1)
+    os.waitpid(pid, 0)
+    with s.lock:
+        pass
+    assert s.lock.recovered == 1
+    os.close(r)
+    os.close(w)
