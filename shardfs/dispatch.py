@@ -189,6 +189,24 @@ class Dispatcher:
         w.write_at(0, _pack_out(total, 0, unique))
         return total
 
+    def fail(self, chain: DescriptorChain | None, err: int) -> int:
+        """Answer ``chain`` with -err without serving it; return the used length.
+
+        For requests a crashed worker took and never completed.  A chain
+        without a readable header, or with no room for a reply, gets 0.
+        """
+        if chain is None:
+            return 0
+        r = ChainReader(chain.readable, chain.readable_len)
+        try:
+            _len, opcode, unique, *_ = r.read_struct(F.fuse_in_header)
+        except ShortRead:
+            return 0
+        if opcode in (Op.FUSE_FORGET, Op.FUSE_BATCH_FORGET, Op.FUSE_INTERRUPT):
+            return 0
+        return self._reply_error(ChainWriter(chain.writable, chain.writable_len), unique, err,
+                                 opcode)
+
     def _reply_error(self, w: ChainWriter, unique: int, err: int, opcode: int) -> int:
         self.stats.errors += 1
         if w.capacity < OUT_HDR:

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
+import resource
 import select
 import signal
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +65,9 @@ from shardfs.proc.worker import Worker, set_process_name
 
 log = logging.getLogger("shardfs.supervisor")
 
+#: Per-ring progress word: the next avail index the owning worker will take.
+_PROGRESS = struct.Struct("<I")
+
 VIRTIO_FEATURES = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC
                    | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
 PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.CONFIGURE_MEM_SLOTS
@@ -87,19 +93,52 @@ class Child:
     name: str
     proc: Any
     sock: socket.socket
+    #: Readable once the process has exited (pidfd_open), for select().
+    pidfd: int
+
+
+def _close_fds_except(keep: int) -> None:
+    """In a fresh child: close every inherited fd but stdio and ``keep``.
+
+    The supervisor holds the listener, the frontend connection and dups of
+    memory, kick and call fds; a worker must get those only through its
+    control socket, so that what it holds is exactly what it was given.
+    """
+    os.closerange(3, keep)
+    os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+@dataclass
+class RingRecord:
+    """What it takes to start a ring again in a fresh worker (crash recovery)."""
+
+    args: list[Any]  # ring_start arguments after the index, base excluded
+    kick_fd: int
+    call_fd: int | None
+    enabled: bool
 
 
 class WorkerDevice(Device):
-    """The Device the session drives, implemented over worker control sockets."""
+    """The Device the session drives, implemented over worker control sockets.
 
-    def __init__(self, workers: list[Child]) -> None:
+    It keeps its own dups of the memory-region, kick and call fds, so that a
+    worker that dies can be replaced and its rings restarted where they
+    stood (:meth:`replay`).
+    """
+
+    def __init__(self, workers: list[Child], progress: mmap.mmap) -> None:
         self.workers = workers
+        self.progress = progress
         self.backend_fd: int | None = None
-        self.regions: list[MemRegion] = []
+        self.regions: dict[tuple[int, int], tuple[MemRegion, int]] = {}
+        self.rings: dict[int, RingRecord] = {}
+
+    def owner_index(self, index: int) -> int:
+        """hiprio (0) and request queue 1 go to worker 0; queue i to worker i-1."""
+        return max(index - 1, 0) % len(self.workers)
 
     def owner(self, index: int) -> Child:
-        """hiprio (0) and request queue 1 go to worker 0; queue i to worker i-1."""
-        return self.workers[max(index - 1, 0) % len(self.workers)]
+        return self.workers[self.owner_index(index)]
 
     def _call(self, child: Child, msg: list[Any], fds: list[int] | tuple[int, ...] = ()) -> Any:
         try:
@@ -108,61 +147,95 @@ class WorkerDevice(Device):
             raise ProtocolError(f"{child.name}: {msg[0]}: {e}") from e
 
     def _all(self, msg: list[Any], fds: list[int]) -> None:
-        try:
-            errors = []
-            for child in self.workers:
-                try:
-                    self._call(child, msg, fds)
-                except ProtocolError as e:
-                    errors.append(str(e))
-            if errors:
-                raise ProtocolError("; ".join(errors))
-        finally:
-            for fd in fds:
-                os.close(fd)
+        errors = []
+        for child in self.workers:
+            try:
+                self._call(child, msg, fds)
+            except ProtocolError as e:
+                errors.append(str(e))
+        if errors:
+            raise ProtocolError("; ".join(errors))
+
+    @staticmethod
+    def _region_args(r: MemRegion) -> list[int]:
+        return [r.gpa, r.size, r.user_addr, r.mmap_offset]
+
+    def _mem_set_msg(self) -> tuple[list[Any], list[int]]:
+        regions = list(self.regions.values())
+        return ["mem_set", [self._region_args(r) for r, _ in regions]], [fd for _, fd in regions]
 
     def mem_set(self, regions: list[tuple[MemRegion, int]]) -> None:
-        self.regions = [r for r, _ in regions]
+        self._drop_regions()
+        self.regions = {(r.gpa, r.size): (r, fd) for r, fd in regions}
         log.info("memory table: %s", ", ".join(
-            f"gpa {r.gpa:#x}+{r.size:#x}" for r in self.regions))
-        self._all(["mem_set", [[r.gpa, r.size, r.user_addr, r.mmap_offset]
-                               for r in self.regions]], [fd for _, fd in regions])
+            f"gpa {r.gpa:#x}+{r.size:#x}" for r, _ in regions))
+        self._all(*self._mem_set_msg())
 
     def mem_add(self, region: MemRegion, fd: int) -> None:
-        self.regions.append(region)
+        old = self.regions.pop((region.gpa, region.size), None)
+        if old is not None:
+            os.close(old[1])
+        self.regions[(region.gpa, region.size)] = (region, fd)
         log.info("memory region added: gpa %#x+%#x", region.gpa, region.size)
-        self._all(["mem_add", [region.gpa, region.size, region.user_addr, region.mmap_offset]],
-                  [fd])
+        self._all(["mem_add", self._region_args(region)], [fd])
 
     def mem_remove(self, region: MemRegion) -> None:
-        self.regions = [r for r in self.regions if (r.gpa, r.size) != (region.gpa, region.size)]
+        old = self.regions.pop((region.gpa, region.size), None)
+        if old is not None:
+            os.close(old[1])
         log.info("memory region removed: gpa %#x+%#x", region.gpa, region.size)
-        self._all(["mem_remove", [region.gpa, region.size, region.user_addr,
-                                  region.mmap_offset]], [])
+        self._all(["mem_remove", self._region_args(region)], [])
+
+    def _drop_regions(self) -> None:
+        for _, fd in self.regions.values():
+            os.close(fd)
+        self.regions = {}
+
+    def _ring_fds(self, rec: RingRecord) -> list[int]:
+        return [rec.kick_fd] + ([rec.call_fd] if rec.call_fd is not None else [])
 
     def ring_start(self, index: int, state: VringState, kick_fd: int, call_fd: int | None,
                    event_idx: bool, indirect: bool) -> None:
-        fds = [kick_fd] + ([call_fd] if call_fd is not None else [])
-        try:
-            self._call(self.owner(index), [
-                "ring_start", index, state.num, state.desc_addr, state.avail_addr,
-                state.used_addr, state.base, event_idx, indirect, state.enabled], fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        self._drop_ring(index)
+        rec = RingRecord([state.num, state.desc_addr, state.avail_addr, state.used_addr,
+                          event_idx, indirect], kick_fd, call_fd, state.enabled)
+        self.rings[index] = rec
+        self._start(index, rec, state.base, recover=False)
+
+    def _start(self, index: int, rec: RingRecord, base: int, recover: bool) -> None:
+        num, desc, avail, used, event_idx, indirect = rec.args
+        self._call(self.owner(index), ["ring_start", index, num, desc, avail, used, base,
+                                       event_idx, indirect, rec.enabled, recover],
+                   self._ring_fds(rec))
 
     def ring_stop(self, index: int) -> int:
-        return int(self._call(self.owner(index), ["ring_stop", index]))
+        try:
+            return int(self._call(self.owner(index), ["ring_stop", index]))
+        finally:
+            self._drop_ring(index)
+
+    def _drop_ring(self, index: int) -> None:
+        rec = self.rings.pop(index, None)
+        if rec is not None:
+            for fd in self._ring_fds(rec):
+                os.close(fd)
 
     def ring_call(self, index: int, call_fd: int | None) -> None:
+        rec = self.rings.get(index)
+        if rec is not None:
+            if rec.call_fd is not None:
+                os.close(rec.call_fd)
+            rec.call_fd = call_fd
         fds = [call_fd] if call_fd is not None else []
-        try:
-            self._call(self.owner(index), ["ring_call", index], fds)
-        finally:
+        self._call(self.owner(index), ["ring_call", index], fds)
+        if rec is None:
             for fd in fds:
                 os.close(fd)
 
     def ring_enable(self, index: int, enabled: bool) -> None:
+        rec = self.rings.get(index)
+        if rec is not None:
+            rec.enabled = enabled
         self._call(self.owner(index), ["ring_enable", index, enabled])
 
     def backend_channel(self, fd: int) -> None:
@@ -170,8 +243,27 @@ class WorkerDevice(Device):
             os.close(self.backend_fd)
         self.backend_fd = fd
 
+    def replay(self, wid: int) -> None:
+        """Bring a replacement worker up to the session's state.
+
+        Its rings resume at the avail index the dead worker had reached
+        (the per-ring progress words it kept in shared memory); chains it
+        had taken but not completed are answered EIO by the new worker.
+        """
+        if not self.regions:
+            return
+        self._call(self.workers[wid], *self._mem_set_msg())
+        for index, rec in self.rings.items():
+            if self.owner_index(index) == wid:
+                base = _PROGRESS.unpack_from(self.progress, _PROGRESS.size * index)[0]
+                self._start(index, rec, base, recover=True)
+                log.warning("vring %d resumed in the new worker at avail index %d",
+                            index, base)
+
     def reset(self, drop_fs: bool = False) -> None:
-        self.regions = []
+        for index in list(self.rings):
+            self._drop_ring(index)
+        self._drop_regions()
         for child in self.workers:
             try:
                 self._call(child, ["reset", drop_fs])
@@ -191,6 +283,11 @@ class Supervisor:
         # Node and handle identity shared by every worker (fs.passthrough.shared),
         # made before any fork so that every child inherits the same mapping.
         self.shared = SharedState(*fd_budgets(cfg.max_nodes, cfg.max_handles))
+        # Where each ring's worker has got to, so a replacement can resume it.
+        self.progress = mmap.mmap(-1, _PROGRESS.size * (1 + cfg.num_request_queues),
+                                  mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.device: WorkerDevice | None = None
+        self.restarts = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- process tree ---------------------------------------------------------
@@ -199,45 +296,69 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cfg = self.cfg
         shared = self.shared
+        progress = self.progress
 
         def body() -> None:
-            parent.close()
-            self._close_inherited()
+            _close_fds_except(child.fileno())
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
             def make_fs() -> PassthroughFs:
                 return PassthroughFs(cfg.shared_dir, cache=cfg.cache, max_nodes=cfg.max_nodes,
                                      max_handles=cfg.max_handles, xattr=cfg.xattr,
                                      writeback=cfg.writeback, shared=shared, worker=wid)
 
-            Worker(wid, child, make_fs).run()
+            Worker(wid, child, make_fs, progress).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name=f"shardfs-worker-{wid}", daemon=False)
         proc.start()
         child.close()
-        return Child(f"worker {wid}", proc, parent)
+        return Child(f"worker {wid}", proc, parent, os.pidfd_open(proc.pid))
 
     def _fork_coordinator(self) -> Child:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
         def body() -> None:
-            parent.close()
-            self._close_inherited()
+            _close_fds_except(child.fileno())
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             Coordinator(child).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name="shardfs-coordinator", daemon=False)
         proc.start()
         child.close()
-        return Child("coordinator", proc, parent)
+        return Child("coordinator", proc, parent, os.pidfd_open(proc.pid))
 
-    def _close_inherited(self) -> None:
-        """In a child: drop the supervisor's sockets so only it holds them."""
-        for c in self.workers + ([self.coordinator] if self.coordinator else []):
-            c.sock.close()
-        if self._listener is not None:
-            self._listener.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def _restart_dead_workers(self) -> None:
+        """Replace every worker that has exited, and resume its rings.
+
+        Other workers are not touched: their queues never notice.
+        """
+        for wid, w in enumerate(self.workers):
+            if w.proc.is_alive():
+                continue
+            w.proc.join()
+            log.error("%s (pid %d) died with exit code %s; restarting it", w.name,
+                      w.proc.pid, w.proc.exitcode)
+            w.sock.close()
+            os.close(w.pidfd)
+            new = self._fork_worker(wid)
+            self.workers[wid] = new
+            self.restarts += 1
+            try:
+                control.call(new.sock, ["ping"])
+                if self.device is not None:
+                    self.device.replay(wid)
+            except (control.ControlError, ProtocolError) as e:
+                log.error("the replacement %s failed: %s", new.name, e)
+
+    def _wait(self, fds: list[int]) -> list[int]:
+        """select() on ``fds`` plus the wake pipe and worker pidfds; restart dead workers."""
+        pidfds = [w.pidfd for w in self.workers]
+        r, _, _ = select.select(fds + [self._wake_r] + pidfds, [], [])
+        if any(p in r for p in pidfds):
+            self._restart_dead_workers()
+        return r
 
     # -- main loop ------------------------------------------------------------
 
@@ -281,7 +402,7 @@ class Supervisor:
             pass
 
     def _accept(self, listener: socket.socket) -> socket.socket | None:
-        r, _, _ = select.select([listener.fileno(), self._wake_r], [], [])
+        r = self._wait([listener.fileno()])
         if listener.fileno() not in r:
             return None
         try:
@@ -292,11 +413,11 @@ class Supervisor:
         return conn
 
     def _serve(self, conn: socket.socket) -> None:
-        device = WorkerDevice(self.workers)
+        device = self.device = WorkerDevice(self.workers, self.progress)
         session = VhostUserSession(device, session_config(self.cfg))
         try:
             while not self.stopping:
-                r, _, _ = select.select([conn.fileno(), self._wake_r], [], [])
+                r = self._wait([conn.fileno()])
                 if conn.fileno() not in r:
                     continue
                 if not self._one_message(conn, session):
@@ -305,6 +426,7 @@ class Supervisor:
             log.info("frontend disconnected; resetting the device")
             session.close()
             device.reset(drop_fs=True)
+            self.device = None
             conn.close()
 
     def _one_message(self, conn: socket.socket, session: VhostUserSession) -> bool:
@@ -354,6 +476,7 @@ class Supervisor:
                 c.proc.kill()
                 c.proc.join()
             c.sock.close()
+            os.close(c.pidfd)
         log.info("shut down")
 
 

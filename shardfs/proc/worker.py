@@ -17,11 +17,14 @@ empty, then signals the call fd at most once if the used-event rule asks.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,10 @@ from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.split import QueueError, SplitQueue
 
 log = logging.getLogger("shardfs.worker")
+
+#: The per-ring progress word shared with the supervisor (see supervisor.replay).
+_PROGRESS = struct.Struct("<I")
+_pack_progress = _PROGRESS.pack_into
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
@@ -77,9 +84,11 @@ class Ring:
 class Worker:
     """State of one worker process; :meth:`run` is the process body."""
 
-    def __init__(self, wid: int, sock: socket.socket,
-                 make_fs: Callable[[], FileSystem]) -> None:
+    def __init__(self, wid: int, sock: socket.socket, make_fs: Callable[[], FileSystem],
+                 progress: mmap.mmap | None = None) -> None:
         self.wid = wid
+        #: Shared with the supervisor: per ring, the next avail index we take.
+        self.progress = progress if progress is not None else mmap.mmap(-1, _PROGRESS.size * 64)
         self.sock = sock
         self.make_fs = make_fs
         self.mem = GuestMemory()
@@ -135,6 +144,7 @@ class Worker:
         assert self.dispatcher is not None
         handle = self.dispatcher.handle
         mem = self.mem
+        progress, slot = self.progress, _PROGRESS.size * q.index
         pushed = 0
         try:
             while True:
@@ -143,6 +153,7 @@ class Worker:
                     chain = q.pop(mem)
                     if chain is None:
                         break
+                    _pack_progress(progress, slot, q.last_avail_idx)
                     if isinstance(chain, int):
                         log.warning("queue %d: malformed descriptor chain at head %d dropped",
                                     q.index, chain)
@@ -224,7 +235,7 @@ class Worker:
         return found
 
     def c_ring_start(self, args: list[Any], fds: list[int]) -> None:
-        index, num, desc, avail, used, base, event_idx, indirect, enabled = args
+        index, num, desc, avail, used, base, event_idx, indirect, enabled, recover = args
         self._drop_ring(index)
         kick_fd = fds[0]
         call_fd = fds[1] if len(fds) > 1 else None
@@ -237,13 +248,40 @@ class Worker:
             for fd in fds:
                 _close(fd)
             raise
+        _pack_progress(self.progress, _PROGRESS.size * index, q.last_avail_idx)
         os.set_blocking(kick_fd, False)
         ring = Ring(q, kick_fd, call_fd, enabled)
+        if recover:
+            self._fail_in_flight(ring)
         self.rings[index] = ring
         self.by_kick[kick_fd] = ring
         self.ep.register(kick_fd, select.EPOLLIN)
         # Chains may already be waiting: the driver kicked before we listened.
         self.serve(ring)
+
+    def _fail_in_flight(self, ring: Ring) -> None:
+        """After a crash: answer EIO to the chains the dead worker took but never returned.
+
+        They sit between used.idx (what it completed) and our starting avail
+        index (what it had taken, from the progress word).  Replaying them
+        instead could repeat a non-idempotent request, or the one that
+        crashed it.
+        """
+        q = ring.queue
+        assert self.dispatcher is not None
+        n = (q.last_avail_idx - q.used_idx) & 0xFFFF
+        if n > q.num:
+            log.error("queue %d: progress %d and used %d disagree; not recovering", q.index,
+                      q.last_avail_idx, q.used_idx)
+            return
+        for k in range(n):
+            head = q.head_at((q.used_idx + k) & 0xFFFF)
+            q.push(head, self.dispatcher.fail(q.chain_at(self.mem, head), errno.EIO))
+        if n:
+            log.warning("queue %d: %d request(s) in flight in the dead worker answered EIO",
+                        q.index, n)
+            if ring.call_fd is not None:
+                os.eventfd_write(ring.call_fd, 1)
 
     def c_ring_stop(self, args: list[Any], fds: list[int]) -> int:
         (index,) = args

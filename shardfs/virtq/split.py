@@ -146,6 +146,19 @@ class SplitQueue:
             self.malformed += 1
             return head
 
+    def head_at(self, avail_pos: int) -> int:
+        """The head index the driver published at avail position ``avail_pos``."""
+        return int(_unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * (avail_pos % self.num))[0])
+
+    def chain_at(self, mem: GuestMemory, head: int) -> DescriptorChain | None:
+        """Walk the chain at ``head`` again (crash recovery); None if malformed."""
+        if head >= self.num:
+            return None
+        try:
+            return walk_chain(mem, self._desc, self.num, head, self.indirect)
+        except Exception:
+            return None
+
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (the used element first, then used.idx)."""
         slot = VIRTQ_USED_RING + virtq_used_elem.size * (self.used_idx % self.num)
