@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help=f"{' | '.join(LOG_LEVELS)}")
     p.add_argument("--once", action="store_const", const="true",
                    help="exit when the frontend disconnects (like virtiofsd)")
+    p.add_argument("--poll-us", help="adaptive polling: spin this long before sleeping")
+    p.add_argument("--stats-socket", help="status socket (default: SOCKET_PATH.stats)")
     p.add_argument("--max-nodes", help="node budget (host O_PATH fds per worker)")
     p.add_argument("--max-handles", help="open file budget per worker")
     return p
@@ -51,7 +53,49 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def stats_main(argv: list[str]) -> int:
+    """``shardfs stats``: print the running daemon's per-queue and per-process figures."""
+    p = argparse.ArgumentParser(prog="shardfs stats",
+                                description="show a running shardfs's counters")
+    p.add_argument("--config", metavar="FILE", help="the daemon's TOML config")
+    p.add_argument("--socket-path", help="the daemon's vhost-user socket")
+    p.add_argument("--stats-socket", help="the daemon's status socket")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
+    args = p.parse_args(argv)
+    path = args.stats_socket
+    if path is None:
+        if args.socket_path:
+            path = f"{args.socket_path}.stats"
+        else:
+            try:
+                path = load(args.config, {}).status_socket() if args.config else None
+            except ConfigError as e:
+                print(f"shardfs stats: {e}", file=sys.stderr)
+                return 2
+    if path is None:
+        print("shardfs stats: give --stats-socket, --socket-path or --config", file=sys.stderr)
+        return 2
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(args.format.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(1 << 16):
+                chunks.append(chunk)
+    except OSError as e:
+        print(f"shardfs stats: {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(b"".join(chunks).decode())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return stats_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))

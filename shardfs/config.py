@@ -23,6 +23,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_REQUEST_QUEUES = 64
 
 
+#: Polling longer than this is a busy loop, not a latency trade.
+MAX_POLL_US = 100_000
+
+
 class ConfigError(Exception):
     """A bad setting; ``str()`` is one line that names the field."""
 
@@ -39,6 +43,10 @@ class Config:
     xattr: bool = True
     log_level: str = "info"
     once: bool = False
+    #: Adaptive polling: microseconds a worker watches its rings before sleeping.
+    poll_us: int = 0
+    #: The status socket; by default the vhost-user socket path plus ".stats".
+    stats_socket: str | None = None
     #: None sizes the budgets from RLIMIT_NOFILE (see fs.passthrough.fs_budgets).
     max_nodes: int | None = None
     max_handles: int | None = None
@@ -66,11 +74,20 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"config: log_level: must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
+        if not 0 <= self.poll_us <= MAX_POLL_US:
+            raise ConfigError(f"config: poll_us: must be between 0 and {MAX_POLL_US}, "
+                              f"got {self.poll_us}")
         for name in ("max_nodes", "max_handles"):
             value = getattr(self, name)
             if value is not None and value < 16:
                 raise ConfigError(f"config: {name}: must be at least 16")
         return self
+
+    def status_socket(self) -> str | None:
+        """Where the status socket lives: ``stats_socket``, or next to ``socket_path``."""
+        if self.stats_socket:
+            return self.stats_socket
+        return f"{self.socket_path}.stats" if self.socket_path else None
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -78,6 +95,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "socket_path": (str,), "fd": (int,), "shared_dir": (str,), "tag": (str,),
     "num_request_queues": (int,), "cache": (str,), "writeback": (bool,), "xattr": (bool,),
     "log_level": (str,), "once": (bool,), "max_nodes": (int,), "max_handles": (int,),
+    "poll_us": (int,), "stats_socket": (str,),
 }
 
 

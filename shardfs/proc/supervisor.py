@@ -61,6 +61,7 @@ from shardfs.fs.passthrough.fs import fd_budgets
 from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.coordinator import Coordinator
+from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
 
 log = logging.getLogger("shardfs.supervisor")
@@ -286,6 +287,8 @@ class Supervisor:
         # Where each ring's worker has got to, so a replacement can resume it.
         self.progress = mmap.mmap(-1, _PROGRESS.size * (1 + cfg.num_request_queues),
                                   mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.stats_page = create_page(1 + cfg.num_request_queues)
+        self.status: socket.socket | None = None
         self.device: WorkerDevice | None = None
         self.restarts = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -297,6 +300,7 @@ class Supervisor:
         cfg = self.cfg
         shared = self.shared
         progress = self.progress
+        stats_page = self.stats_page
 
         def body() -> None:
             _close_fds_except(child.fileno())
@@ -307,7 +311,7 @@ class Supervisor:
                                      max_handles=cfg.max_handles, xattr=cfg.xattr,
                                      writeback=cfg.writeback, shared=shared, worker=wid)
 
-            Worker(wid, child, make_fs, progress).run()
+            Worker(wid, child, make_fs, progress, stats_page, cfg.poll_us).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name=f"shardfs-worker-{wid}", daemon=False)
@@ -353,18 +357,52 @@ class Supervisor:
                 log.error("the replacement %s failed: %s", new.name, e)
 
     def _wait(self, fds: list[int]) -> list[int]:
-        """select() on ``fds`` plus the wake pipe and worker pidfds; restart dead workers."""
+        """select() on ``fds``, the wake pipe, the status socket and worker pidfds.
+
+        Dead workers are restarted and status requests answered here, so
+        both happen whether or not a frontend is connected.
+        """
         pidfds = [w.pidfd for w in self.workers]
-        r, _, _ = select.select(fds + [self._wake_r] + pidfds, [], [])
+        extra = [self.status.fileno()] if self.status is not None else []
+        r, _, _ = select.select(fds + [self._wake_r] + pidfds + extra, [], [])
         if any(p in r for p in pidfds):
             self._restart_dead_workers()
+        if extra and extra[0] in r:
+            self._answer_status()
         return r
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``shardfs stats`` shows; reads shared memory and /proc only."""
+        procs = [process_info("supervisor", os.getpid())]
+        if self.coordinator is not None:
+            procs.append(process_info("coordinator", self.coordinator.proc.pid))
+        procs += [process_info(f"worker-{i}", w.proc.pid) for i, w in enumerate(self.workers)]
+        return {"shared_dir": self.cfg.shared_dir, "connected": self.device is not None,
+                "num_request_queues": self.cfg.num_request_queues,
+                "worker_restarts": self.restarts, "poll_us": self.cfg.poll_us,
+                "queues": read_page(self.stats_page, 1 + self.cfg.num_request_queues),
+                "processes": procs}
+
+    def _answer_status(self) -> None:
+        assert self.status is not None
+        try:
+            conn, _ = self.status.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(1.0)
+                fmt = conn.recv(64).decode(errors="replace").strip() or "json"
+                conn.sendall(encode(self.snapshot(), fmt))
+            except OSError as e:
+                log.debug("status client: %s", e)
 
     # -- main loop ------------------------------------------------------------
 
     def run(self, listener: socket.socket) -> int:
         set_process_name("shardfs")
         self._listener: socket.socket | None = listener
+        self.status = open_status_socket(self.cfg)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
@@ -459,8 +497,6 @@ class Supervisor:
                 return False
         return True
 
-    def stats(self) -> list[dict[str, Any]]:
-        return [control.call(w.sock, ["stats"]) for w in self.workers]
 
     def _shutdown(self) -> None:
         children = self.workers + ([self.coordinator] if self.coordinator else [])
@@ -477,6 +513,14 @@ class Supervisor:
                 c.proc.join()
             c.sock.close()
             os.close(c.pidfd)
+        if self.status is not None:
+            self.status.close()
+            path = self.cfg.status_socket()
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         log.info("shut down")
 
 
@@ -488,6 +532,22 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
             raise EOFError("frontend closed mid-message")
         buf += chunk
     return bytes(buf)
+
+
+def open_status_socket(cfg: Config) -> socket.socket | None:
+    """The status socket ``shardfs stats`` reads; None when there is no path for it."""
+    path = cfg.status_socket()
+    if path is None:
+        return None
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    return sock
 
 
 def open_listener(cfg: Config) -> socket.socket:
