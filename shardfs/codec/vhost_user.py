@@ -129,7 +129,12 @@ class Device:
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Stop every ring and forget the device state (RESET_DEVICE, disconnect)."""
+        """RESET_DEVICE: stop every ring.  Memory and the backend channel stay:
+        the spec has the back-end keep ownership of the device through it."""
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        """The frontend went away: release memory, channels and guest state."""
         raise NotImplementedError
 
 
@@ -193,7 +198,11 @@ class VhostUserSession:
         return None
 
     def close(self) -> None:
-        """The connection ended: release every fd we hold and reset the device."""
+        """The connection ended: release every fd we hold and let the device go."""
+        self._reset_rings()
+        self.device.disconnect()
+
+    def _reset_rings(self) -> None:
         self.device.reset()
         for vr in self.vrings:
             _close(vr.call_fd)
@@ -265,7 +274,7 @@ class VhostUserSession:
         self._reset()
 
     def _reset(self) -> None:
-        self.close()
+        self._reset_rings()
         self.acked_features = 0
         self.status = 0
 

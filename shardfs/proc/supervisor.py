@@ -261,18 +261,28 @@ class WorkerDevice(Device):
                 log.warning("vring %d resumed in the new worker at avail index %d",
                             index, base)
 
-    def reset(self, drop_fs: bool = False) -> None:
+    def reset(self) -> None:
+        """RESET_DEVICE: stop the rings; memory and the backend channel stay."""
+        for index in list(self.rings):
+            self._drop_ring(index)
+        self._each(["stop_rings"])
+
+    def disconnect(self) -> None:
+        """Frontend gone: rings, memory, the backend channel and all FUSE state."""
         for index in list(self.rings):
             self._drop_ring(index)
         self._drop_regions()
-        for child in self.workers:
-            try:
-                self._call(child, ["reset", drop_fs])
-            except ProtocolError as e:
-                log.error("%s", e)
+        self._each(["reset", True])
         if self.backend_fd is not None:
             os.close(self.backend_fd)
             self.backend_fd = None
+
+    def _each(self, msg: list[Any]) -> None:
+        for child in self.workers:
+            try:
+                self._call(child, msg)
+            except ProtocolError as e:
+                log.error("%s", e)
 
 
 class Supervisor:
@@ -463,7 +473,6 @@ class Supervisor:
         finally:
             log.info("frontend disconnected; resetting the device")
             session.close()
-            device.reset(drop_fs=True)
             self.device = None
             conn.close()
 

@@ -357,6 +357,11 @@ class Worker:
         if ring.enabled:
             self.serve(ring)
 
+    def c_stop_rings(self, args: list[Any], fds: list[int]) -> None:
+        """RESET_DEVICE: drop every ring; memory stays mapped."""
+        for index in list(self.rings):
+            self._drop_ring(index)
+
     def c_reset(self, args: list[Any], fds: list[int]) -> None:
         """The frontend reset the device or left: drop rings, memory and FUSE state."""
         for index in list(self.rings):

@@ -143,6 +143,16 @@ class DriverQueue:
             self._free_chain(head)
         return out
 
+    def pop_used_raw(self) -> list[tuple[int, int]]:
+        """Like :meth:`pop_used`, but the descriptors stay allocated (pre-built chains)."""
+        out = []
+        idx = self.used_idx()
+        while self.last_used != idx:
+            slot = self.used + VIRTQ_USED_RING + virtq_used_elem.size * (self.last_used % self.num)
+            out.append(virtq_used_elem.unpack(self.ram.read(slot, virtq_used_elem.size)))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
+
     def _free_chain(self, head: int) -> None:
         i = head
         for _ in range(self.num):

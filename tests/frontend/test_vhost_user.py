@@ -318,3 +318,18 @@ def test_bad_config_names_the_field() -> None:
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "num_request_queues" in lines[0]
+
+
+def test_reset_device_stops_rings_and_keeps_memory(daemon: Daemon) -> None:
+    with daemon.frontend() as fe:
+        fe.start()
+        c = FuseClient(fe)
+        c.init()
+        assert fe.ack(R.RESET_DEVICE) == 0
+        # The rings restart without a new SET_MEM_TABLE, as after a guest reset.
+        fe.negotiate()
+        fe.queues.clear()
+        fe.setup_queue(0)
+        fe.setup_queue(1)
+        c.init()
+        assert c.getattr(1)

@@ -96,6 +96,9 @@ class FakeDevice(Device):
     def reset(self) -> None:
         self.calls.append(("reset",))
 
+    def disconnect(self) -> None:
+        self.calls.append(("disconnect",))
+
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
@@ -564,8 +567,11 @@ def test_reset_device(hn: Harness) -> None:
     hn.ack(R.SET_VRING_ERR, vu.u64.pack(0), [err])
     hn.ack(R.SET_VRING_KICK, vu.u64.pack(0), [efd()])
     hn.ack(R.SET_STATUS, vu.u64.pack(0xF))
+    hn.ack(R.SET_BACKEND_REQ_FD, b"", [efd()])
     assert hn.ack(R.RESET_DEVICE) == 0
+    # RESET_DEVICE stops the rings but keeps the connection's backend channel.
     assert hn.dev.calls[-1] == ("reset",)
+    assert ("disconnect",) not in hn.dev.calls
     assert not is_open(call) and not is_open(err)
     assert hn.session.acked_features == 0 and hn.session.status == 0
     assert all(vr == VringState() for vr in hn.session.vrings)
@@ -577,4 +583,4 @@ def test_close_releases_fds(h: Harness) -> None:
     h.send(R.SET_VRING_CALL, vu.u64.pack(1), [call])
     h.session.close()
     assert not is_open(call)
-    assert h.dev.calls[-1] == ("reset",)
+    assert h.dev.calls[-2:] == [("reset",), ("disconnect",)]
