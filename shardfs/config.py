@@ -44,7 +44,7 @@ class Config:
     log_level: str = "info"
     once: bool = False
     #: Adaptive polling: microseconds a worker watches its rings before sleeping.
-    poll_us: int = 0
+    poll_us: int = 50
     #: The status socket; by default the vhost-user socket path plus ".stats".
     stats_socket: str | None = None
     #: None sizes the budgets from RLIMIT_NOFILE (see fs.passthrough.fs_budgets).
