@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help=f"{' | '.join(LOG_LEVELS)}")
     p.add_argument("--once", action="store_const", const="true",
                    help="exit when the frontend disconnects (like virtiofsd)")
-    p.add_argument("--poll-us", help="adaptive polling: microseconds to watch the rings before sleeping (50)")
+    p.add_argument("--poll-us",
+                   help="adaptive polling: microseconds to watch the rings before sleeping (50)")
     p.add_argument("--stats-socket", help="status socket (default: SOCKET_PATH.stats)")
     p.add_argument("--max-nodes", help="node budget (host O_PATH fds per worker)")
     p.add_argument("--max-handles", help="open file budget per worker")

@@ -66,6 +66,8 @@ from shardfs.proc.worker import Worker, set_process_name
 
 log = logging.getLogger("shardfs.supervisor")
 
+#: Frontends queue here while one is served (a VMM restarting, libvirt probing).
+LISTEN_BACKLOG = 16
 #: Per-ring progress word: the next avail index the owning worker will take.
 _PROGRESS = struct.Struct("<I")
 
@@ -576,5 +578,5 @@ def open_listener(cfg: Config) -> socket.socket:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(cfg.socket_path)
-    sock.listen(1)
+    sock.listen(LISTEN_BACKLOG)
     return sock
