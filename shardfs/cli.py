@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from shardfs.config import CACHE_POLICIES, FIELDS, LOG_LEVELS, ConfigError, coerce, load
+from shardfs.config import CACHE_POLICIES, FIELDS, LOG_LEVELS, Config, ConfigError, coerce, load
 
 CAPABILITIES = {"type": "fs", "features": []}
+SYSLOG_SOCKET = "/dev/log"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-us",
                    help="adaptive polling: microseconds to watch the rings before sleeping (50)")
     p.add_argument("--stats-socket", help="status socket (default: SOCKET_PATH.stats)")
+    p.add_argument("--socket-group", help="group allowed to connect to the socket (mode 0660)")
+    p.add_argument("--log-target", help="stderr | syslog")
+    p.add_argument("--sandbox", help="namespace | chroot | none: how workers are confined "
+                   "(namespace)")
+    p.add_argument("--seccomp", help="kill | log | none: system-call allow-list (kill)")
+    p.add_argument("--dax-window", help="bytes of the DAX window, a multiple of 2 MiB "
+                   "(0 = off, the default)")
+    p.add_argument("--shmem-bit", help="protocol feature bit of vhost-user SHMEM: 21 "
+                   "(alioth, rust-vmm 0.16, the default) or 22 (QEMU master)")
     p.add_argument("--max-nodes", help="node budget (host O_PATH fds per worker)")
     p.add_argument("--max-handles", help="open file budget per worker")
+    p.add_argument("--readonly", action="store_const", const="true",
+                   help="refuse every modification of the share with EROFS")
+    p.add_argument("--translate-uid", help="guest<->host uid map, e.g. map:1000:5000:10")
+    p.add_argument("--translate-gid", help="guest<->host gid map, e.g. map:1000:5000:10")
+    p.add_argument("--xattrmap", help="xattr name rules (virtiofsd syntax)")
+    p.add_argument("--posix-acl", help="POSIX ACLs (true/false)")
+    p.add_argument("--killpriv-v2", help="FUSE_HANDLE_KILLPRIV_V2 (true/false)")
+    p.add_argument("--security-label", help="label new inodes with the guest's "
+                   "security context (true/false)")
+    p.add_argument("--allow-direct-io", help="pass a guest's O_DIRECT to the host (true/false)")
     return p
+
+
+def check_fs_options(cfg: Config) -> None:
+    """The syntax of the id and xattr maps, by their own parsers (ConfigError)."""
+    from shardfs.fs.idmap import IdMap
+    from shardfs.fs.xattrmap import XattrMap
+
+    checks: list[tuple[str, Callable[[str], object]]] = [
+        ("translate_uid", IdMap.parse), ("translate_gid", IdMap.parse),
+        ("xattrmap", XattrMap.parse)]
+    for name, parse in checks:
+        value = getattr(cfg, name)
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as e:
+                raise ConfigError(f"config: {name}: {e}") from None
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,6 +90,22 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             out[name] = coerce(name, value, f"--{name.replace('_', '-')}", from_cli=True)
     return out
+
+
+def setup_logging(level: str, target: str) -> None:
+    """Log to stderr (timestamps, process) or to syslog (the daemon facility)."""
+    if target == "syslog":
+        from logging.handlers import SysLogHandler
+
+        handler: logging.Handler = SysLogHandler(address=SYSLOG_SOCKET,
+                                                 facility=SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter(
+            "shardfs[%(process)d]: %(processName)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(processName)s[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def stats_main(argv: list[str]) -> int:
@@ -103,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load(args.config, overrides_from(args))
+        check_fs_options(cfg)
+        if cfg.log_target == "syslog" and not os.path.exists(SYSLOG_SOCKET):
+            raise ConfigError(f"config: log_target: syslog, but {SYSLOG_SOCKET} does not exist")
     except ConfigError as e:
         print(f"shardfs: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=cfg.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(processName)s[%(process)d] %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level, cfg.log_target)
     if not os.path.isdir(cfg.shared_dir):
         os.makedirs(cfg.shared_dir, exist_ok=True)
         logging.getLogger("shardfs").info("created shared dir %s", cfg.shared_dir)

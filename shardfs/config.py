@@ -10,21 +10,37 @@ Flag names follow virtiofsd where one exists (``--socket-path``,
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shardfs.abi.fuse import FUSE_DAX_SHIFT
+from shardfs.abi.vhost_user import ProtocolFeature
 from shardfs.abi.virtio import VIRTIO_FS_TAG_MAX
 
 CACHE_POLICIES = ("never", "metadata", "auto", "always")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: shardfs.sandbox.SANDBOX_MODES and SECCOMP_MODES (config sits below sandbox).
+SANDBOX_MODES = ("namespace", "chroot", "none")
+SECCOMP_MODES = ("kill", "log", "none")
+LOG_TARGETS = ("stderr", "syslog")
 #: More queues than this buys nothing on any machine we know of.
 MAX_REQUEST_QUEUES = 64
 
 
 #: Polling longer than this is a busy loop, not a latency trade.
 MAX_POLL_US = 100_000
+#: The DAX window is cut into the guest driver's 2 MiB ranges (fs/fuse/dax.c),
+#: so it is a multiple of that; 1 TiB bounds a typo, not a real need.
+DAX_WINDOW_UNIT = 1 << FUSE_DAX_SHIFT
+MAX_DAX_WINDOW = 1 << 40
+#: The SHMEM protocol feature bit: 21 for alioth and rust-vmm 0.16, 22 in QEMU
+#: master (DESIGN §3); any bit above DEVICE_STATE, the last one shardfs offers.
+DEFAULT_SHMEM_BIT = ProtocolFeature.SHMEM
+MIN_SHMEM_BIT = ProtocolFeature.DEVICE_STATE + 1
+MAX_SHMEM_BIT = 63
 
 
 class ConfigError(Exception):
@@ -47,9 +63,36 @@ class Config:
     poll_us: int = 50
     #: The status socket; by default the vhost-user socket path plus ".stats".
     stats_socket: str | None = None
+    #: Group that may connect to the vhost-user socket (mode 0660), as virtiofsd.
+    socket_group: str | None = None
+    #: stderr | syslog
+    log_target: str = "stderr"
+    #: namespace | chroot | none: how workers are confined (shardfs.sandbox).
+    sandbox: str = "namespace"
+    #: kill | log | none: the system-call allow-list (shardfs.sandbox.seccomp).
+    seccomp: str = "kill"
     #: None sizes the budgets from RLIMIT_NOFILE (see fs.passthrough.fs_budgets).
     max_nodes: int | None = None
     max_handles: int | None = None
+    #: Refuse every modification with EROFS (shardfs.fs.readonly).
+    readonly: bool = False
+    #: Guest <-> host id maps, e.g. "map:1000:5000:10" (shardfs.fs.idmap).
+    translate_uid: str | None = None
+    translate_gid: str | None = None
+    #: xattr name rules, virtiofsd syntax (shardfs.fs.xattrmap).
+    xattrmap: str | None = None
+    #: POSIX ACLs (FUSE_POSIX_ACL); needs xattr.
+    posix_acl: bool = False
+    #: The daemon clears setuid/setgid on write/truncate (FUSE_HANDLE_KILLPRIV_V2).
+    killpriv_v2: bool = False
+    #: Label new inodes with the guest's security context (FUSE_SECURITY_CTX).
+    security_label: bool = False
+    #: Pass a guest's O_DIRECT on to the host open.
+    allow_direct_io: bool = False
+    #: Bytes of the DAX window (FUSE_SETUPMAPPING through vhost-user SHMEM); 0 = off.
+    dax_window: int = 0
+    #: Which protocol feature bit means SHMEM (see DEFAULT_SHMEM_BIT).
+    shmem_bit: int = DEFAULT_SHMEM_BIT
 
     def validate(self) -> Config:
         if self.socket_path is None and self.fd is None:
@@ -74,6 +117,26 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"config: log_level: must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
+        if self.log_target not in LOG_TARGETS:
+            raise ConfigError(f"config: log_target: must be one of {', '.join(LOG_TARGETS)}, "
+                              f"got {self.log_target!r}")
+        if self.socket_group is not None:
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise ConfigError(f"config: socket_group: no group named "
+                                  f"{self.socket_group!r}") from None
+        if self.sandbox not in SANDBOX_MODES:
+            raise ConfigError(f"config: sandbox: must be one of {', '.join(SANDBOX_MODES)}, "
+                              f"got {self.sandbox!r}")
+        if self.seccomp not in SECCOMP_MODES:
+            raise ConfigError(f"config: seccomp: must be one of {', '.join(SECCOMP_MODES)}, "
+                              f"got {self.seccomp!r}")
+        if self.sandbox == "chroot" and self.xattr:
+            # The passthrough reaches xattrs through /proc/self/fd/N paths, which
+            # a chroot into the share would resolve inside the share.
+            raise ConfigError("config: sandbox: chroot needs xattr = false (xattrs go "
+                              "through /proc paths a chroot hides); or use namespace")
         if not 0 <= self.poll_us <= MAX_POLL_US:
             raise ConfigError(f"config: poll_us: must be between 0 and {MAX_POLL_US}, "
                               f"got {self.poll_us}")
@@ -81,6 +144,22 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 16:
                 raise ConfigError(f"config: {name}: must be at least 16")
+        if self.posix_acl and not self.xattr:
+            raise ConfigError("config: posix_acl: needs xattr = true (ACLs are xattrs)")
+        if self.xattrmap is not None and not self.xattr:
+            raise ConfigError("config: xattrmap: needs xattr = true")
+        for name in ("translate_uid", "translate_gid", "xattrmap"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"config: {name}: is empty (leave it out instead)")
+        # The syntax of the maps is checked by their parsers (cli.check_fs_options).
+        if (not 0 <= self.dax_window <= MAX_DAX_WINDOW
+                or self.dax_window % DAX_WINDOW_UNIT):
+            raise ConfigError(f"config: dax_window: must be 0 (off) or a multiple of "
+                              f"{DAX_WINDOW_UNIT} bytes up to {MAX_DAX_WINDOW}, "
+                              f"got {self.dax_window}")
+        if not MIN_SHMEM_BIT <= self.shmem_bit <= MAX_SHMEM_BIT:
+            raise ConfigError(f"config: shmem_bit: must be between {MIN_SHMEM_BIT} and "
+                              f"{MAX_SHMEM_BIT}, got {self.shmem_bit}")
         return self
 
     def status_socket(self) -> str | None:
@@ -95,7 +174,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "socket_path": (str,), "fd": (int,), "shared_dir": (str,), "tag": (str,),
     "num_request_queues": (int,), "cache": (str,), "writeback": (bool,), "xattr": (bool,),
     "log_level": (str,), "once": (bool,), "max_nodes": (int,), "max_handles": (int,),
-    "poll_us": (int,), "stats_socket": (str,),
+    "poll_us": (int,), "stats_socket": (str,), "socket_group": (str,), "log_target": (str,),
+    "sandbox": (str,), "seccomp": (str,),
+    "readonly": (bool,), "translate_uid": (str,), "translate_gid": (str,), "xattrmap": (str,),
+    "posix_acl": (bool,), "killpriv_v2": (bool,), "security_label": (bool,),
+    "allow_direct_io": (bool,), "dax_window": (int,), "shmem_bit": (int,),
 }
 
 

@@ -24,17 +24,29 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
-from shardfs.fs.api import Context, Entry, FileSystem, FsError, SetattrIn
+from shardfs.fs.api import Context, Entry, FileSystem, FsError, SecContext, SetattrIn
 from shardfs.virtq.chain import ChainReader, ChainWriter, DescriptorChain, ShortRead
 
 log = logging.getLogger("shardfs.dispatch")
 
 OUT_HDR = F.fuse_out_header.size
 _pack_out = F.fuse_out_header.pack
+_OUT_HEADER = F.fuse_out_header
+_IN_HEADER = F.fuse_in_header
+_IN_HEADER_SIZE = F.fuse_in_header.size
+_unpack_in = F.fuse_in_header.unpack_from
+_ENTRY_OUT, _ATTR_OUT, _GETATTR_IN = F.fuse_entry_out, F.fuse_attr_out, F.fuse_getattr_in
+_GETATTR_FH = F.FUSE_GETATTR_FH
+#: Opcodes that have no handler in TABLE, as plain ints (an IntEnum compares slowly).
+_FORGET, _BATCH_FORGET, _INTERRUPT = (int(Op.FUSE_FORGET), int(Op.FUSE_BATCH_FORGET),
+                                      int(Op.FUSE_INTERRUPT))
+#: Callers whose Context a dispatcher keeps (see Dispatcher._context).
+MAX_CACHED_CONTEXTS = 256
 _U64 = 0xFFFFFFFFFFFFFFFF
 _U32 = 0xFFFFFFFF
 NSEC = 1_000_000_000
@@ -50,6 +62,10 @@ MAX_XATTR_SIZE = 1 << 16
 MAX_NAME_BYTES = 4096 + 1
 #: BATCH_FORGET entries per request that we accept.
 MAX_BATCH_FORGET = 1 << 16
+#: The first minor whose requests carry extensions (fuse_in_header.total_extlen).
+EXTENSIONS_MINOR = 38
+#: Supplementary groups one creating request may carry (Linux sends one).
+MAX_EXT_GROUPS = 32
 
 
 class Malformed(Exception):
@@ -87,14 +103,24 @@ def attr_fields(st: os.stat_result) -> tuple[int, ...]:
     a_s, a_ns = divmod(st.st_atime_ns, NSEC)
     m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
     c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
+    nlink, rdev = st.st_nlink, st.st_rdev
     return (st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
-            c_s & _U64, a_ns, m_ns, c_ns, st.st_mode, min(st.st_nlink, _U32), st.st_uid,
-            st.st_gid, encode_dev(st.st_rdev), st.st_blksize & _U32, 0)
+            c_s & _U64, a_ns, m_ns, c_ns, st.st_mode, nlink if nlink < _U32 else _U32,
+            st.st_uid, st.st_gid, encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
+
+
+#: Timeouts come from a cache policy, so few distinct values are ever split.
+_SPLIT_TIMEOUTS: dict[float, tuple[int, int]] = {}
 
 
 def _split_timeout(t: float) -> tuple[int, int]:
-    secs = int(t)
-    return secs, int((t - secs) * NSEC)
+    got = _SPLIT_TIMEOUTS.get(t)
+    if got is None:
+        secs = int(t)
+        got = (secs, int((t - secs) * NSEC))
+        if len(_SPLIT_TIMEOUTS) < 64:
+            _SPLIT_TIMEOUTS[t] = got
+    return got
 
 
 def pack_entry(e: Entry) -> bytes:
@@ -108,9 +134,48 @@ def pack_attr(st: os.stat_result, timeout_s: float) -> bytes:
     return F.fuse_attr_out.pack(av, ans, 0, *attr_fields(st))
 
 
+def _reply_entry(w: ChainWriter, e: Entry) -> int:
+    """:func:`pack_entry` packed straight into the reply (no bytes in between)."""
+    ev, ens = _split_timeout(e.entry_timeout_s)
+    av, ans = _split_timeout(e.attr_timeout_s)
+    w.pack_at(_ENTRY_OUT, OUT_HDR, e.nodeid, e.generation, ev, av, ens, ans,
+              *attr_fields(e.attr))
+    return _ENTRY_OUT.size
+
+
+def _reply_attr(w: ChainWriter, st: os.stat_result, timeout_s: float) -> int:
+    """:func:`pack_attr` packed straight into the reply."""
+    av, ans = _split_timeout(timeout_s)
+    w.pack_at(_ATTR_OUT, OUT_HDR, av, ans, 0, *attr_fields(st))
+    return _ATTR_OUT.size
+
+
 _EMPTY_ENTRY = bytes(F.fuse_entry_out.size)
 
 Handler = Callable[["Dispatcher", Context, int, ChainReader, ChainWriter], int]
+
+
+class DaxMapper(Protocol):
+    """The DAX window as the dispatcher sees it (``shardfs.proc.dax.DaxClient``).
+
+    ``setup`` and ``remove`` raise FsError with the errno for the guest;
+    ``released`` and ``forgotten`` are notices that never raise; ``destroy``
+    returns once the window is empty.
+    """
+
+    @property
+    def map_alignment_log2(self) -> int: ...
+
+    def setup(self, nodeid: int, fh: int, foffset: int, length: int, flags: int,
+              moffset: int) -> None: ...
+
+    def remove(self, ranges: list[tuple[int, int]]) -> None: ...
+
+    def released(self, nodeid: int, fh: int) -> None: ...
+
+    def forgotten(self, nodeids: list[int]) -> None: ...
+
+    def destroy(self) -> None: ...
 
 
 class Dispatcher:
@@ -123,40 +188,52 @@ class Dispatcher:
         | F.FUSE_DO_READDIRPLUS | F.FUSE_READDIRPLUS_AUTO | F.FUSE_INIT_EXT
     )
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileSystem, dax: DaxMapper | None = None) -> None:
         self.fs = fs
+        #: The DAX window, or None: SETUPMAPPING/REMOVEMAPPING answer ENOSYS.
+        self.dax = dax
         self.stats = Stats()
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
         self.initialized = False
+        self._contexts: dict[tuple[int, int, int], Context] = {}
 
     # -- entry point ------------------------------------------------------------
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one chain; return the used length to put in the used ring."""
-        r = ChainReader(chain.readable, chain.readable_len)
         w = ChainWriter(chain.writable, chain.writable_len)
         stats = self.stats
         stats.requests += 1
+        rbufs = chain.readable
+        first = len(rbufs[0]) if rbufs else 0
         try:
-            (length, opcode, unique, nodeid, uid, gid, pid, extlen,
-             _pad) = r.read_struct(F.fuse_in_header)
+            if first >= _IN_HEADER_SIZE:  # the header in one view: no stream needed for it
+                (length, opcode, unique, nodeid, uid, gid, pid, extlen,
+                 _pad) = _unpack_in(rbufs[0], 0)
+                r = (ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 0,
+                                 _IN_HEADER_SIZE) if first > _IN_HEADER_SIZE
+                     else ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 1))
+            else:
+                r = ChainReader(rbufs, chain.readable_len)
+                (length, opcode, unique, nodeid, uid, gid, pid, extlen,
+                 _pad) = r.read_struct(_IN_HEADER)
         except ShortRead:
             stats.malformed += 1
             stats.dropped += 1
             log.warning("dropped a chain of %d bytes: too short for fuse_in_header",
                         chain.readable_len)
             return 0
-        body = length - F.fuse_in_header.size - 8 * extlen
+        body = length - _IN_HEADER_SIZE - 8 * extlen
         if body < 0 or length > chain.readable_len:
             stats.malformed += 1
             log.warning("opcode %d: header len %d does not match the chain (%d bytes)",
                         opcode, length, chain.readable_len)
             return self._reply_error(w, unique, errno.EINVAL, opcode)
         r.remaining = body  # extensions sit after the op's arguments
-        if opcode == Op.FUSE_FORGET or opcode == Op.FUSE_BATCH_FORGET:
+        if opcode == _FORGET or opcode == _BATCH_FORGET:
             self._forget(opcode, nodeid, r)
             return 0
-        if opcode == Op.FUSE_INTERRUPT:
+        if opcode == _INTERRUPT:
             return 0  # no reply: requests here are served synchronously
         handler = self.TABLE.get(opcode)
         if handler is None:
@@ -167,7 +244,10 @@ class Dispatcher:
             stats.malformed += 1
             log.warning("opcode %d: reply buffer of %d bytes is too small", opcode, w.capacity)
             return self._reply_error(w, unique, errno.EINVAL, opcode)
-        ctx = Context(uid, gid, pid)
+        key = (uid, gid, pid)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._context(key)
         try:
             n = handler(self, ctx, nodeid, r, w)
         except FsError as e:
@@ -186,8 +266,19 @@ class Dispatcher:
         if w.capacity < total:
             stats.dropped += 1
             return 0
-        w.write_at(0, _pack_out(total, 0, unique))
+        w.pack_at(_OUT_HEADER, 0, total, 0, unique)
         return total
+
+    def _context(self, key: tuple[int, int, int]) -> Context:
+        """The (frozen, shareable) Context for ``key``, kept for the next request.
+
+        Building a frozen dataclass costs about a microsecond; a guest has
+        few distinct callers, so most requests find theirs here.
+        """
+        if len(self._contexts) >= MAX_CACHED_CONTEXTS:
+            self._contexts.clear()
+        ctx = self._contexts[key] = Context(*key)
+        return ctx
 
     def fail(self, chain: DescriptorChain | None, err: int) -> int:
         """Answer ``chain`` with -err without serving it; return the used length.
@@ -245,13 +336,19 @@ class Dispatcher:
             if opcode == Op.FUSE_FORGET:
                 (nlookup,) = r.read_struct(F.fuse_forget_in)
                 self.fs.forget(nodeid, nlookup)
+                if self.dax is not None:
+                    self.dax.forgotten([nodeid])
                 return
             count, _ = r.read_struct(F.fuse_batch_forget_in)
             if count > MAX_BATCH_FORGET or count * F.fuse_forget_one.size > r.remaining:
                 raise Malformed(f"BATCH_FORGET count {count} exceeds the request")
+            nids = []
             for _ in range(count):
                 nid, n = r.read_struct(F.fuse_forget_one)
                 self.fs.forget(nid, n)
+                nids.append(nid)
+            if self.dax is not None:
+                self.dax.forgotten(nids)
         except (ShortRead, Malformed) as e:
             self.stats.malformed += 1
             log.warning("malformed FORGET: %s", e)
@@ -279,30 +376,42 @@ class Dispatcher:
         if self.initialized:
             log.info("INIT again without DESTROY (guest reboot): dropping all nodes")
             self.fs.destroy()
+            if self.dax is not None:
+                self.dax.destroy()
         capable = flags | ((flags2 << 32) if flags & F.FUSE_INIT_EXT else 0)
-        # The filesystem asks for what changes its semantics (writeback).
-        enabled = capable & (self.WANTED_INIT_FLAGS | self.fs.init(capable))
+        # The filesystem asks for what changes its semantics (writeback, ACLs...).
+        # With a DAX window, map_alignment tells the guest our mmap granularity.
+        dax_flags = F.FUSE_MAP_ALIGNMENT if self.dax is not None else 0
+        enabled = capable & (self.WANTED_INIT_FLAGS | self.fs.init(capable) | dax_flags)
+        map_alignment = (self.dax.map_alignment_log2
+                         if self.dax is not None and enabled & F.FUSE_MAP_ALIGNMENT else 0)
+        if minor < EXTENSIONS_MINOR:
+            # Before 7.38 a security context rode after the name, not as an extension.
+            enabled &= ~(F.FUSE_SECURITY_CTX | F.FUSE_CREATE_SUPP_GROUP)
+        self.fs.negotiated(enabled)
         self.minor = min(minor, F.FUSE_KERNEL_MINOR_VERSION)
         self.initialized = True
         log.info("FUSE INIT: guest 7.%d, speaking 7.%d, flags %#x", minor, self.minor, enabled)
         out = F.fuse_init_out.pack(
             F.FUSE_KERNEL_VERSION, self.minor, max_readahead, enabled & _U32,
-            0, 0, MAX_WRITE, 1, MAX_PAGES, 0, enabled >> 32)
+            0, 0, MAX_WRITE, 1, MAX_PAGES, map_alignment, enabled >> 32)
         return self._reply(w, out)
 
     def op_destroy(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         self.fs.destroy()
+        if self.dax is not None:
+            self.dax.destroy()
         self.initialized = False
         return 0
 
     def op_lookup(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         name = self._name(r)
-        return self._reply(w, pack_entry(self.fs.lookup(ctx, nodeid, name)))
+        return _reply_entry(w, self.fs.lookup(ctx, nodeid, name))
 
     def op_getattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        flags, _, fh = r.read_struct(F.fuse_getattr_in)
-        st, timeout = self.fs.getattr(ctx, nodeid, fh if flags & F.FUSE_GETATTR_FH else None)
-        return self._reply(w, pack_attr(st, timeout))
+        flags, _, fh = r.read_struct(_GETATTR_IN)
+        st, timeout = self.fs.getattr(ctx, nodeid, fh if flags & _GETATTR_FH else None)
+        return _reply_attr(w, st, timeout)
 
     def op_setattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
@@ -317,17 +426,20 @@ class Dispatcher:
 
     def op_symlink(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         name, target = self._two_names(r)
+        ctx = self._creating_ctx(ctx, r)
         return self._reply(w, pack_entry(self.fs.symlink(ctx, nodeid, name, target)))
 
     def op_mknod(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         mode, rdev, umask, _ = r.read_struct(F.fuse_mknod_in)
         name = self._name(r)
+        ctx = self._creating_ctx(ctx, r)
         e = self.fs.mknod(ctx, nodeid, name, mode, decode_dev(rdev), umask)
         return self._reply(w, pack_entry(e))
 
     def op_mkdir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         mode, umask = r.read_struct(F.fuse_mkdir_in)
         name = self._name(r)
+        ctx = self._creating_ctx(ctx, r)
         return self._reply(w, pack_entry(self.fs.mkdir(ctx, nodeid, name, mode, umask)))
 
     def op_unlink(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -356,8 +468,9 @@ class Dispatcher:
         return self._reply(w, pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name)))
 
     def op_open(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        flags, _open_flags = r.read_struct(F.fuse_open_in)
-        o = self.fs.open(ctx, nodeid, flags)
+        flags, open_flags = r.read_struct(F.fuse_open_in)
+        o = self.fs.open(ctx, nodeid, flags,
+                         kill_suidgid=bool(open_flags & F.FUSE_OPEN_KILL_SUIDGID))
         return self._reply(w, F.fuse_open_out.pack(o.fh, o.open_flags, 0))
 
     def op_opendir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -366,10 +479,51 @@ class Dispatcher:
         return self._reply(w, F.fuse_open_out.pack(o.fh, o.open_flags, 0))
 
     def op_create(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        flags, mode, umask, _open_flags = r.read_struct(F.fuse_create_in)
+        flags, mode, umask, open_flags = r.read_struct(F.fuse_create_in)
         name = self._name(r)
-        e, o = self.fs.create(ctx, nodeid, name, flags, mode, umask)
+        ctx = self._creating_ctx(ctx, r)
+        e, o = self.fs.create(ctx, nodeid, name, flags, mode, umask,
+                              kill_suidgid=bool(open_flags & F.FUSE_OPEN_KILL_SUIDGID))
         return self._reply(w, pack_entry(e) + F.fuse_open_out.pack(o.fh, o.open_flags, 0))
+
+    def op_tmpfile(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        """FUSE_TMPFILE (7.37): fuse_create_in, then a name the kernel fills
+        with "/" and that names nothing; it is ignored, as libfuse does."""
+        flags, mode, umask, _open_flags = r.read_struct(F.fuse_create_in)
+        ctx = self._creating_ctx(ctx, r)
+        e, o = self.fs.tmpfile(ctx, nodeid, flags, mode, umask)
+        return self._reply(w, pack_entry(e) + F.fuse_open_out.pack(o.fh, o.open_flags, 0))
+
+    def _creating_ctx(self, ctx: Context, r: ChainReader) -> Context:
+        """``ctx`` with the request extensions of a creating op, where negotiated.
+
+        FUSE_EXT_GROUPS becomes ``supp_groups`` (with FUSE_CREATE_SUPP_GROUP)
+        and a security-context extension ``secctx`` (with FUSE_SECURITY_CTX);
+        other extension types are skipped, as newer kernels may add some.
+        Every length is checked against the extension area: Malformed.
+        """
+        flags = self.fs.session_flags()
+        if not flags & (F.FUSE_SECURITY_CTX | F.FUSE_CREATE_SUPP_GROUP):
+            return ctx
+        data = _extension_area(r)
+        groups: tuple[int, ...] = ()
+        secctx: tuple[SecContext, ...] = ()
+        pos = 0
+        while pos < len(data):
+            if pos + F.fuse_ext_header.size > len(data):
+                raise Malformed("extension header truncated")
+            size, typ = F.fuse_ext_header.unpack_from(data, pos)
+            if size < F.fuse_ext_header.size or size % 8 or pos + size > len(data):
+                raise Malformed(f"extension of {size} bytes at {pos} of {len(data)}")
+            body = data[pos + F.fuse_ext_header.size:pos + size]
+            if typ <= F.FUSE_MAX_NR_SECCTX and flags & F.FUSE_SECURITY_CTX:
+                secctx = _secctx(body, typ)
+            elif typ == F.FUSE_EXT_GROUPS and flags & F.FUSE_CREATE_SUPP_GROUP:
+                groups = _supp_groups(body)
+            pos += size
+        if not groups and not secctx:
+            return ctx
+        return replace(ctx, supp_groups=groups, secctx=secctx)
 
     def op_read(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         fh, offset, size, _rflags, _owner, _flags, _ = r.read_struct(F.fuse_read_in)
@@ -401,6 +555,30 @@ class Dispatcher:
     def op_release(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         fh, _flags, _rflags, _owner = r.read_struct(F.fuse_release_in)
         self.fs.release(ctx, nodeid, fh)
+        if self.dax is not None:
+            self.dax.released(nodeid, fh)
+        return 0
+
+    def op_setupmapping(self, ctx: Context, nodeid: int, r: ChainReader,
+                        w: ChainWriter) -> int:
+        """FUSE_SETUPMAPPING: map a file range into the DAX window (proc.coordinator)."""
+        if self.dax is None:
+            raise FsError(errno.ENOSYS)
+        fh, foffset, length, flags, moffset = r.read_struct(F.fuse_setupmapping_in)
+        self.dax.setup(nodeid, fh, foffset, length, flags, moffset)
+        return 0
+
+    def op_removemapping(self, ctx: Context, nodeid: int, r: ChainReader,
+                         w: ChainWriter) -> int:
+        """FUSE_REMOVEMAPPING: ``count`` (moffset, len) pairs; the count is bounded
+        by the request's length and by what any kernel sends."""
+        if self.dax is None:
+            raise FsError(errno.ENOSYS)
+        (count,) = r.read_struct(F.fuse_removemapping_in)
+        one = F.fuse_removemapping_one
+        if not 0 < count <= F.FUSE_REMOVEMAPPING_MAX_ENTRIES or count * one.size > r.remaining:
+            raise Malformed(f"REMOVEMAPPING of {count} entries in {r.remaining} bytes")
+        self.dax.remove([r.read_struct(one) for _ in range(count)])
         return 0
 
     def op_releasedir(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -462,8 +640,14 @@ class Dispatcher:
         return self._reply(w, value)
 
     def op_setxattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        raw = r.read_bytes(F.FUSE_COMPAT_SETXATTR_IN_SIZE)
-        size, flags = F.fuse_getxattr_in.unpack(raw)
+        """SETXATTR: the 16-byte fuse_setxattr_in once FUSE_SETXATTR_EXT is
+        negotiated (its setxattr_flags carry ACL_KILL_SGID), the 8-byte one before."""
+        setxattr_flags = 0
+        if self.fs.session_flags() & F.FUSE_SETXATTR_EXT:
+            size, flags, setxattr_flags, _ = r.read_struct(F.fuse_setxattr_in)
+        else:
+            size, flags = F.fuse_getxattr_in.unpack(
+                r.read_bytes(F.FUSE_COMPAT_SETXATTR_IN_SIZE))
         if size > MAX_XATTR_SIZE:
             raise FsError(errno.E2BIG)
         data = r.read_bytes(r.remaining)
@@ -471,7 +655,7 @@ class Dispatcher:
         if end < 0 or len(data) - end - 1 < size:
             raise Malformed("SETXATTR name or value truncated")
         value = data[end + 1:end + 1 + size]
-        self.fs.setxattr(ctx, nodeid, data[:end], value, flags)
+        self.fs.setxattr(ctx, nodeid, data[:end], value, flags, setxattr_flags)
         return 0
 
     def op_removexattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -538,6 +722,7 @@ REPLY_BYTES = {
     Op.FUSE_SYMLINK: F.fuse_entry_out.size,
     Op.FUSE_LINK: F.fuse_entry_out.size,
     Op.FUSE_CREATE: F.fuse_entry_out.size + F.fuse_open_out.size,
+    Op.FUSE_TMPFILE: F.fuse_entry_out.size + F.fuse_open_out.size,
     Op.FUSE_OPEN: F.fuse_open_out.size,
     Op.FUSE_OPENDIR: F.fuse_open_out.size,
     Op.FUSE_GETATTR: F.fuse_attr_out.size,
@@ -545,6 +730,48 @@ REPLY_BYTES = {
     Op.FUSE_WRITE: F.fuse_write_out.size,
     Op.FUSE_INIT: F.fuse_init_out.size,
 }
+
+
+def _extension_area(r: ChainReader) -> bytes:
+    """The request's extension bytes: the last ``8 * total_extlen`` of its length.
+
+    ``handle`` bounds the reader to the op's arguments, so the header is
+    read again from the start of the chain's views (it was already checked
+    there: ``len`` fits the chain and covers the extensions).
+    """
+    whole = ChainReader(r._bufs, sum(len(b) for b in r._bufs))
+    length, *_, extlen, _pad = whole.read_struct(F.fuse_in_header)
+    if not extlen:
+        return b""
+    whole.skip(length - F.fuse_in_header.size - 8 * extlen)
+    return whole.read_bytes(8 * extlen)
+
+
+def _secctx(body: bytes, count: int) -> tuple[SecContext, ...]:
+    """``count`` security contexts: fuse_secctx{size}, a NUL-ended name, the value."""
+    out = []
+    pos = 0
+    for _ in range(count):
+        if pos + F.fuse_secctx.size > len(body):
+            raise Malformed("security context truncated")
+        size, _pad = F.fuse_secctx.unpack_from(body, pos)
+        pos += F.fuse_secctx.size
+        end = body.find(b"\0", pos)
+        if end <= pos or end + 1 + size > len(body) or size > MAX_XATTR_SIZE:
+            raise Malformed("security context name or value out of bounds")
+        out.append(SecContext(body[pos:end], body[end + 1:end + 1 + size]))
+        pos = end + 1 + size
+    return tuple(out)
+
+
+def _supp_groups(body: bytes) -> tuple[int, ...]:
+    """fuse_supp_groups: nr_groups, then the gids."""
+    if len(body) < F.supp_groups_head.size:
+        raise Malformed("supplementary groups truncated")
+    (nr,) = F.supp_groups_head.unpack_from(body)
+    if nr > MAX_EXT_GROUPS or F.supp_groups_head.size + 4 * nr > len(body):
+        raise Malformed(f"{nr} supplementary groups in {len(body)} bytes")
+    return tuple(int.from_bytes(body[4 + 4 * i:8 + 4 * i], "little") for i in range(nr))
 
 
 def _ns(secs: int, nsec: int) -> int:
@@ -591,4 +818,7 @@ Dispatcher.TABLE = {
     Op.FUSE_READDIR: Dispatcher.op_readdir,
     Op.FUSE_READDIRPLUS: Dispatcher.op_readdirplus,
     Op.FUSE_IOCTL: Dispatcher.op_ioctl,
+    Op.FUSE_TMPFILE: Dispatcher.op_tmpfile,
+    Op.FUSE_SETUPMAPPING: Dispatcher.op_setupmapping,
+    Op.FUSE_REMOVEMAPPING: Dispatcher.op_removemapping,
 }

@@ -112,6 +112,8 @@ FUSE_INIT_EXT = 1 << 30
 FUSE_INIT_RESERVED = 1 << 31
 FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
+#: 7.38 (Linux 6.3): creating ops carry the caller's matching supplementary group.
+FUSE_CREATE_SUPP_GROUP = 1 << 34
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -201,7 +203,28 @@ fuse_copy_file_range_in = struct.Struct("<QQQQQQQ")
 fuse_setupmapping_in = struct.Struct("<QQQQQ")
 fuse_removemapping_in = struct.Struct("<I")
 fuse_removemapping_one = struct.Struct("<QQ")
+#: The fh of a SETUPMAPPING the Linux driver sends: it maps per inode, not per
+#: open file (fs/fuse/dax.c fuse_setup_one_mapping: ``inarg.fh = -1``).
+FUSE_SETUPMAPPING_NO_FH = 0xFFFF_FFFF_FFFF_FFFF
+#: The DAX range the Linux driver maps and unmaps (fs/fuse/dax.c FUSE_DAX_SHIFT):
+#: 2 MiB, at window offsets and file offsets that are multiples of it.
+FUSE_DAX_SHIFT = 21
+#: REMOVEMAPPING entries one request carries at most: the kernel sends up to
+#: PAGE_SIZE / sizeof(fuse_removemapping_one), and 64 KiB is the largest page size.
+FUSE_REMOVEMAPPING_MAX_ENTRIES = (64 << 10) // fuse_removemapping_one.size
 fuse_syncfs_in = struct.Struct("<Q")
+#: Request extensions (7.38): after the op's arguments, ``total_extlen`` 8-byte
+#: units of records, each starting with this header (size includes it).
+fuse_ext_header = struct.Struct("<II")
+#: The security-context extension shares the header: ``type`` is the count.
+fuse_secctx_header = struct.Struct("<II")
+fuse_secctx = struct.Struct("<II")
+#: ``struct fuse_supp_groups`` (nr_groups, then that many u32 gids); named apart
+#: because the 7.38 header this is checked against predates it (Linux 6.3).
+supp_groups_head = struct.Struct("<I")
+#: fuse_ext_header.type values; 0..FUSE_MAX_NR_SECCTX mean a security context.
+FUSE_MAX_NR_SECCTX = 31
+FUSE_EXT_GROUPS = 32
 #: direntplus is an entry_out followed by a dirent header and the name.
 FUSE_NAME_OFFSET_DIRENTPLUS = fuse_entry_out.size + fuse_dirent.size
 

@@ -126,6 +126,14 @@ vhost_user_single_region = struct.Struct("<QQQQQ")
 vhost_user_config = struct.Struct("<III")
 #: SHMEM_MAP/UNMAP payload: u8 shmid; u8 pad[7]; u64 fd_offset, shm_offset, len, flags.
 vhost_user_shmem_msg = struct.Struct("<B7xQQQQ")
+#: VhostUserMMap.flags bit 0 (VHOST_USER_FLAG_MAP_RW): map read-write, else read-only.
+VHOST_USER_FLAG_MAP_RW = 0x1 << 0
+#: VIRTIO Shared Memory Regions one GET_SHMEM_CONFIG reply describes: the array is
+#: indexed by shmid (u8).  The merged spec text and rust-vmm's VhostUserShMemConfig
+#: have 256 entries; early QEMU drafts had VHOST_MEMORY_BASELINE_NREGIONS (8).
+VHOST_USER_MAX_SHMEM_REGIONS = 256
+#: struct VhostUserShMemConfig { u32 nregions; u32 padding; u64 memory_sizes[256]; }
+vhost_user_shmem_config = struct.Struct(f"<II{VHOST_USER_MAX_SHMEM_REGIONS}Q")
 
 #: VHOST_USER_VRING_NOFD_MASK: bit 8 of the kick/call/err u64 means "no fd".
 VHOST_USER_VRING_IDX_MASK = 0xFF

@@ -68,3 +68,6 @@ VIRTIO_FS_TAG_MAX = 36
 #: Queue 0 is hiprio; request queues follow (no notification queue offered).
 VIRTIO_FS_HIPRIO_QUEUE = 0
 VIRTIO_FS_FIRST_REQUEST_QUEUE = 1
+#: The shared memory region id of the DAX window (linux/virtio_fs.h
+#: VIRTIO_FS_SHMCAP_ID_CACHE): the shmid of SHMEM_MAP/UNMAP and GET_SHMEM_CONFIG.
+VIRTIO_FS_SHMCAP_ID_CACHE = 0

@@ -38,6 +38,7 @@ from shardfs.abi.virtio import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTQ_MAX_SIZE,
 )
+from shardfs.codec.backend_channel import encode_shmem_config
 
 log = logging.getLogger("shardfs.vhost_user")
 
@@ -146,6 +147,11 @@ class SessionConfig:
     virtio_features: int
     protocol_features: int
     max_mem_slots: int = vu.MAX_MEM_SLOTS
+    #: VIRTIO Shared Memory Region sizes by shmid, for GET_SHMEM_CONFIG (the DAX
+    #: window); empty when there is none.
+    shmem_sizes: tuple[int, ...] = ()
+    #: The bit that numbers the SHMEM protocol feature (it moved between versions).
+    shmem_bit: int = ProtocolFeature.SHMEM
 
 
 @dataclass
@@ -418,6 +424,13 @@ class VhostUserSession:
 
     def _h_GET_STATUS(self, payload: bytes, fds: list[int]) -> bytes:
         return vu.u64.pack(self.status)
+
+    def _h_GET_SHMEM_CONFIG(self, payload: bytes, fds: list[int]) -> bytes:
+        """The shared memory regions (spec: "VIRTIO Shared Memory Region
+        configuration"); valid only once the SHMEM feature is negotiated."""
+        if not self.config.shmem_sizes or not self._has_protocol(self.config.shmem_bit):
+            raise ProtocolError("GET_SHMEM_CONFIG without the SHMEM protocol feature")
+        return encode_shmem_config(self.config.shmem_sizes)
 
 
 #: Requests whose reply the frontend always waits for (spec: "REPLY_ACK").

@@ -12,7 +12,7 @@ Contracts every implementation keeps:
   Anything else is a bug: the dispatcher logs it and answers EIO.
 * Every method defaults to ENOSYS, so an implementation opts in per op.
 * Lookup counts: every :class:`Entry` returned by ``lookup``, ``mknod``,
-  ``mkdir``, ``symlink``, ``link`` and ``create`` adds one to the node's
+  ``mkdir``, ``symlink``, ``link``, ``create`` and ``tmpfile`` adds one to the node's
   lookup count, which the guest later drops with ``forget``.  A node whose
   count reaches zero is released.  The root's count is never dropped.
 * Ids are opaque: a nodeid or fh the guest sends may be forged, and an
@@ -41,12 +41,29 @@ class FsError(Exception):
 
 
 @dataclass(slots=True, frozen=True)
+class SecContext:
+    """A security label for a new inode (FUSE_SECURITY_CTX): xattr name and value."""
+
+    name: bytes
+    value: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class Context:
-    """Who asked: the caller's ids from ``fuse_in_header``."""
+    """Who asked: the caller's ids from ``fuse_in_header``.
+
+    The request extensions of creating ops add to it: ``supp_groups`` is the
+    supplementary group the guest says the caller holds (FUSE_EXT_GROUPS:
+    the parent directory's group, when the caller is a member), ``secctx``
+    the labels to give the new inode (FUSE_SECURITY_CTX).  Both are empty
+    unless negotiated at INIT.
+    """
 
     uid: int
     gid: int
     pid: int
+    supp_groups: tuple[int, ...] = ()
+    secctx: tuple[SecContext, ...] = ()
 
 
 @dataclass(slots=True)
@@ -117,6 +134,18 @@ class FileSystem:
         """
         return 0
 
+    def negotiated(self, flags: int) -> None:
+        """Called after INIT with the flags now in force (what the reply carries)."""
+
+    def session_flags(self) -> int:
+        """The INIT flags in force, as *every* worker sees them (0 before INIT).
+
+        Only one worker serves INIT; the dispatcher of any worker asks this
+        to decode requests whose layout depends on negotiation
+        (FUSE_SETXATTR_EXT, request extensions).
+        """
+        return 0
+
     def destroy(self) -> None:
         """Drop every node and handle except the root (FUSE_DESTROY, reboot)."""
 
@@ -162,11 +191,19 @@ class FileSystem:
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         raise FsError(errno.ENOSYS)
 
-    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+    def open(self, ctx: Context, nodeid: int, flags: int, kill_suidgid: bool = False) -> Opened:
+        """Open the node; ``kill_suidgid`` (FUSE_OPEN_KILL_SUIDGID) asks that an
+        O_TRUNC open clear setuid/setgid, as the caller's own truncate would."""
         raise FsError(errno.ENOSYS)
 
     def create(self, ctx: Context, parent: int, name: bytes, flags: int, mode: int,
-               umask: int) -> tuple[Entry, Opened]:
+               umask: int, kill_suidgid: bool = False) -> tuple[Entry, Opened]:
+        raise FsError(errno.ENOSYS)
+
+    def tmpfile(self, ctx: Context, parent: int, flags: int, mode: int,
+                umask: int) -> tuple[Entry, Opened]:
+        """O_TMPFILE in directory ``parent`` (FUSE_TMPFILE): an unnamed, open
+        regular file; +1 lookup on its node, as CREATE."""
         raise FsError(errno.ENOSYS)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
@@ -230,7 +267,9 @@ class FileSystem:
         raise FsError(errno.ENOSYS)
 
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes,
-                 flags: int) -> None:
+                 flags: int, setxattr_flags: int = 0) -> None:
+        """``flags`` are XATTR_CREATE/REPLACE; ``setxattr_flags`` the
+        FUSE_SETXATTR_* bits of FUSE_SETXATTR_EXT (ACL_KILL_SGID)."""
         raise FsError(errno.ENOSYS)
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:

@@ -22,6 +22,7 @@ either waits for the next frontend or, with ``once``, returns.
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ import select
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +58,17 @@ from shardfs.codec.vhost_user import (
     parse_header,
 )
 from shardfs.config import Config
-from shardfs.fs.passthrough import PassthroughFs
+from shardfs.fs.api import FileSystem
+from shardfs.fs.build import build_fs
 from shardfs.fs.passthrough.fs import fd_budgets
 from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
-from shardfs.proc.coordinator import Coordinator
+from shardfs.proc.coordinator import Coordinator, DaxSetup, attach_worker
+from shardfs.proc.dax import DaxClient, DaxShared, Geometry
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
+from shardfs.sandbox import SandboxPolicy, confine, isolate_daemon
+from shardfs.sandbox.seccomp import ALLOWED_SYSCALLS
 
 log = logging.getLogger("shardfs.supervisor")
 
@@ -86,9 +92,16 @@ def session_config(cfg: Config) -> SessionConfig:
         proto |= 1 << PF.CONFIG
         space = virtio_fs_config.pack(cfg.tag.encode().ljust(VIRTIO_FS_TAG_MAX, b"\0"),
                                       cfg.num_request_queues, 0)
+    shmem: tuple[int, ...] = ()
+    if cfg.dax_window:
+        # The DAX window is shared memory region 0 (VIRTIO_FS_SHMCAP_ID_CACHE);
+        # BACKEND_REQ and BACKEND_SEND_FD, which SHMEM_MAP needs, are always offered.
+        proto |= 1 << cfg.shmem_bit
+        shmem = (cfg.dax_window,)
     return SessionConfig(num_queues=1 + cfg.num_request_queues, tag=cfg.tag,
                          config_space=space, virtio_features=VIRTIO_FEATURES,
-                         protocol_features=proto)
+                         protocol_features=proto, shmem_sizes=shmem,
+                         shmem_bit=cfg.shmem_bit)
 
 
 @dataclass
@@ -133,6 +146,11 @@ class WorkerDevice(Device):
         self.workers = workers
         self.progress = progress
         self.backend_fd: int | None = None
+        #: Sends a one-way message (and copies of fds) to the DAX coordinator.
+        self.dax_cast: Callable[[list[Any], list[int]], None] | None = None
+        #: Whether the frontend acknowledged SHMEM: only then is the backend
+        #: channel a DAX window (a VMM without it would not know SHMEM_MAP).
+        self.shmem_acked: Callable[[], bool] = lambda: False
         self.regions: dict[tuple[int, int], tuple[MemRegion, int]] = {}
         self.rings: dict[int, RingRecord] = {}
 
@@ -245,6 +263,8 @@ class WorkerDevice(Device):
         if self.backend_fd is not None:
             os.close(self.backend_fd)
         self.backend_fd = fd
+        if self.dax_cast is not None and self.shmem_acked():
+            self.dax_cast(["channel", False], [fd])
 
     def replay(self, wid: int) -> None:
         """Bring a replacement worker up to the session's state.
@@ -268,6 +288,8 @@ class WorkerDevice(Device):
         for index in list(self.rings):
             self._drop_ring(index)
         self._each(["stop_rings"])
+        if self.dax_cast is not None:
+            self.dax_cast(["reset"], [])
 
     def disconnect(self) -> None:
         """Frontend gone: rings, memory, the backend channel and all FUSE state."""
@@ -278,6 +300,8 @@ class WorkerDevice(Device):
         if self.backend_fd is not None:
             os.close(self.backend_fd)
             self.backend_fd = None
+        if self.dax_cast is not None:
+            self.dax_cast(["disconnect"], [])
 
     def _each(self, msg: list[Any]) -> None:
         for child in self.workers:
@@ -300,6 +324,9 @@ class Supervisor:
         self.progress = mmap.mmap(-1, _PROGRESS.size * (1 + cfg.num_request_queues),
                                   mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.stats_page = create_page(1 + cfg.num_request_queues)
+        # The DAX coordinator's counters (mapping count included), seen by all.
+        self.dax_shared = DaxShared() if cfg.dax_window else None
+        self.coordinator_restarts = 0
         self.status: socket.socket | None = None
         self.device: WorkerDevice | None = None
         self.restarts = 0
@@ -313,17 +340,32 @@ class Supervisor:
         shared = self.shared
         progress = self.progress
         stats_page = self.stats_page
+        dax_shared = self.dax_shared
 
         def body() -> None:
             _close_fds_except(child.fileno())
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-            def make_fs() -> PassthroughFs:
-                return PassthroughFs(cfg.shared_dir, cache=cfg.cache, max_nodes=cfg.max_nodes,
-                                     max_handles=cfg.max_handles, xattr=cfg.xattr,
-                                     writeback=cfg.writeback, shared=shared, worker=wid)
+            def open_fs(path: str) -> FileSystem:
+                return build_fs(path, cache=cfg.cache, max_nodes=cfg.max_nodes,
+                                max_handles=cfg.max_handles, xattr=cfg.xattr,
+                                writeback=cfg.writeback, shared=shared, worker=wid,
+                                readonly=cfg.readonly, translate_uid=cfg.translate_uid,
+                                translate_gid=cfg.translate_gid, xattrmap=cfg.xattrmap,
+                                posix_acl=cfg.posix_acl, killpriv_v2=cfg.killpriv_v2,
+                                security_label=cfg.security_label,
+                                allow_direct_io=cfg.allow_direct_io,
+                                # creds keeps DAC checks the guest's with capset(2).
+                                guest_dac=cfg.seccomp != "kill"
+                                or "capset" in ALLOWED_SYSCALLS)
 
-            Worker(wid, child, make_fs, progress, stats_page, cfg.poll_us).run()
+            def make_fs() -> FileSystem:
+                # The share is opened inside the sandbox, at the path it has there.
+                return confine(SandboxPolicy(cfg.sandbox, cfg.seccomp), cfg.shared_dir, open_fs)
+
+            dax = (DaxClient(Geometry(cfg.dax_window), dax_shared)
+                   if dax_shared is not None else None)
+            Worker(wid, child, make_fs, progress, stats_page, cfg.poll_us, dax=dax).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name=f"shardfs-worker-{wid}", daemon=False)
@@ -333,11 +375,30 @@ class Supervisor:
 
     def _fork_coordinator(self) -> Child:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cfg = self.cfg
+        state, counters = self.shared, self.dax_shared
+
+        def open_share(path: str) -> int | None:
+            # With DAX it opens files by file handle, which needs an fd on the share.
+            if counters is None:
+                return None
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
         def body() -> None:
             _close_fds_except(child.fileno())
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            Coordinator(child).run()
+            try:
+                # Confined like a worker; inside, the share is at the path it is given.
+                mount_fd = confine(SandboxPolicy(cfg.sandbox, cfg.seccomp), cfg.shared_dir,
+                                   open_share)
+            except OSError as e:
+                log.error("the coordinator cannot start: %s", e)
+                return
+            dax = None
+            if counters is not None and mount_fd is not None:
+                dax = DaxSetup(Geometry(cfg.dax_window), state, counters, mount_fd,
+                               readonly=cfg.readonly)
+            Coordinator(child, dax).run()
 
         ctx = multiprocess.get_context("fork")
         proc = ctx.Process(target=body, name="shardfs-coordinator", daemon=False)
@@ -356,6 +417,10 @@ class Supervisor:
             w.proc.join()
             log.error("%s (pid %d) died with exit code %s; restarting it", w.name,
                       w.proc.pid, w.proc.exitcode)
+            if w.proc.exitcode == -signal.SIGSYS:
+                log.error("%s made a system call outside the seccomp allow-list "
+                          "(shardfs/sandbox/seccomp.py; dmesg names it, or run with "
+                          "--seccomp log)", w.name)
             w.sock.close()
             os.close(w.pidfd)
             new = self._fork_worker(wid)
@@ -363,10 +428,55 @@ class Supervisor:
             self.restarts += 1
             try:
                 control.call(new.sock, ["ping"])
+                self._link_dax(wid)
                 if self.device is not None:
                     self.device.replay(wid)
             except (control.ControlError, ProtocolError) as e:
                 log.error("the replacement %s failed: %s", new.name, e)
+
+    def _restart_coordinator(self) -> None:
+        """The coordinator died: fork a new one, relink the workers, hand it the channel.
+
+        It cannot know what the dead one mapped, so it unmaps the whole
+        DAX window before it serves (coordinator module doc, "Crashes").
+        """
+        old = self.coordinator
+        assert old is not None
+        old.proc.join()
+        log.error("the coordinator (pid %d) died with exit code %s; restarting it",
+                  old.proc.pid, old.proc.exitcode)
+        old.sock.close()
+        os.close(old.pidfd)
+        self.coordinator = self._fork_coordinator()
+        self.coordinator_restarts += 1
+        try:
+            control.call(self.coordinator.sock, ["ping"])
+        except control.ControlError as e:
+            log.error("the replacement coordinator failed: %s", e)
+            return
+        for wid in range(len(self.workers)):
+            self._link_dax(wid)
+        device = self.device
+        if device is not None and device.backend_fd is not None and device.shmem_acked():
+            self._dax_cast(["channel", True], [device.backend_fd])
+
+    def _link_dax(self, wid: int) -> None:
+        """Give worker ``wid`` and the coordinator each an end of a new DAX link."""
+        if self.dax_shared is None or self.coordinator is None:
+            return
+        try:
+            attach_worker(self.coordinator.sock, self.workers[wid].sock, wid)
+        except (OSError, control.ControlError) as e:
+            log.error("cannot link worker %d to the DAX coordinator: %s", wid, e)
+
+    def _dax_cast(self, msg: list[Any], fds: list[int]) -> None:
+        """A one-way message to the coordinator; it gets copies of ``fds``."""
+        if self.coordinator is None:
+            return
+        try:
+            control.send(self.coordinator.sock, msg, fds)
+        except OSError as e:
+            log.error("the DAX coordinator is unreachable (%s): %s", msg[0], e)
 
     def _wait(self, fds: list[int]) -> list[int]:
         """select() on ``fds``, the wake pipe, the status socket and worker pidfds.
@@ -376,9 +486,12 @@ class Supervisor:
         """
         pidfds = [w.pidfd for w in self.workers]
         extra = [self.status.fileno()] if self.status is not None else []
-        r, _, _ = select.select(fds + [self._wake_r] + pidfds + extra, [], [])
+        coord = [self.coordinator.pidfd] if self.coordinator is not None else []
+        r, _, _ = select.select(fds + [self._wake_r] + pidfds + extra + coord, [], [])
         if any(p in r for p in pidfds):
             self._restart_dead_workers()
+        if coord and coord[0] in r:
+            self._restart_coordinator()
         if extra and extra[0] in r:
             self._answer_status()
         return r
@@ -392,6 +505,8 @@ class Supervisor:
         return {"shared_dir": self.cfg.shared_dir, "connected": self.device is not None,
                 "num_request_queues": self.cfg.num_request_queues,
                 "worker_restarts": self.restarts, "poll_us": self.cfg.poll_us,
+                "coordinator_restarts": self.coordinator_restarts,
+                **({"dax": self.dax_shared.read()} if self.dax_shared is not None else {}),
                 "queues": read_page(self.stats_page, 1 + self.cfg.num_request_queues),
                 "processes": procs}
 
@@ -418,11 +533,19 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
+            isolate_daemon(SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp))
+        except OSError as e:
+            log.error("%s", e)
+            self._shutdown()
+            return 1
+        try:
             self.coordinator = self._fork_coordinator()
             control.call(self.coordinator.sock, ["ping"])
             self.workers = [self._fork_worker(i) for i in range(self.cfg.num_request_queues)]
             for w in self.workers:
                 control.call(w.sock, ["ping"])  # each child is up and has named itself
+            for wid in range(len(self.workers)):
+                self._link_dax(wid)
         except control.ControlError as e:
             log.error("a child process failed to start (%s); see its log above", e)
             self._shutdown()
@@ -464,7 +587,11 @@ class Supervisor:
 
     def _serve(self, conn: socket.socket) -> None:
         device = self.device = WorkerDevice(self.workers, self.progress)
+        if self.dax_shared is not None:
+            device.dax_cast = self._dax_cast
         session = VhostUserSession(device, session_config(self.cfg))
+        bit = self.cfg.shmem_bit
+        device.shmem_acked = lambda: bool(session.acked_protocol_features >> bit & 1)
         try:
             while not self.stopping:
                 r = self._wait([conn.fileno()])
@@ -578,5 +705,9 @@ def open_listener(cfg: Config) -> socket.socket:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(cfg.socket_path)
+    if cfg.socket_group is not None:
+        # As virtiofsd's --socket-group: the VMM's group may connect, others not.
+        os.chown(cfg.socket_path, -1, grp.getgrnam(cfg.socket_group).gr_gid)
+        os.chmod(cfg.socket_path, 0o660)
     sock.listen(LISTEN_BACKLOG)
     return sock

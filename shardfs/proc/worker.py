@@ -12,6 +12,8 @@ settled" holds by construction.
 Per kick, the worker drains the ring with notifications suppressed, re-enables
 them, re-checks the avail index (DESIGN §1, EVENT_IDX) and loops until it is
 empty, then signals the call fd at most once if the used-event rule asks.
+With adaptive polling the re-enabling waits until the polling ends: while the
+worker watches the ring, the driver is not asked to kick.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Any
 from shardfs.dispatch import Dispatcher
 from shardfs.fs.api import FileSystem
 from shardfs.proc import control
-from shardfs.proc.stats import FIELDS, MAX_QUEUES, QueueCounters, create_page, latency_bucket
+from shardfs.proc.dax import DaxClient
+from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.split import QueueError, SplitQueue
 
@@ -88,8 +91,10 @@ class Worker:
 
     def __init__(self, wid: int, sock: socket.socket, make_fs: Callable[[], FileSystem],
                  progress: mmap.mmap | None = None, stats_page: mmap.mmap | None = None,
-                 poll_us: int = 0) -> None:
+                 poll_us: int = 0, dax: DaxClient | None = None) -> None:
         self.wid = wid
+        #: This worker's link to the DAX coordinator (None: DAX is off).
+        self.dax = dax
         self.poll_ns = poll_us * 1000
         self.stats_page = stats_page if stats_page is not None else create_page(MAX_QUEUES)
         #: Shared with the supervisor: per ring, the next avail index we take.
@@ -115,7 +120,7 @@ class Worker:
         except (OSError, ValueError) as e:
             log.error("worker %d cannot serve the shared directory: %s", self.wid, e)
             return
-        self.dispatcher = Dispatcher(fs)
+        self.dispatcher = Dispatcher(fs, self.dax)
         self.ep.register(self.sock.fileno(), select.EPOLLIN)
         log.debug("worker %d ready", self.wid)
         while self.running:
@@ -151,18 +156,35 @@ class Worker:
         Every request served restarts the budget, so a busy queue is polled
         continuously and an idle one costs at most ``poll_ns`` of CPU.
         """
-        deadline = time.perf_counter_ns() + self.poll_ns
+        clock = time.perf_counter_ns
         rings = list(self.rings.values())
-        while time.perf_counter_ns() < deadline:
+        while True:
+            deadline = clock() + self.poll_ns
+            while clock() < deadline:
+                for ring in rings:
+                    q = ring.queue
+                    try:
+                        waiting = q.ready and ring.enabled and q.pending()
+                    except QueueError:
+                        waiting = False
+                    if waiting:
+                        self.serve(ring)
+                        deadline = clock() + self.poll_ns
+            # serve() left the driver's notifications off while we watched the
+            # rings: ask for kicks again before sleeping, and look once more.
+            again = False
             for ring in rings:
                 q = ring.queue
-                try:
-                    waiting = q.ready and ring.enabled and q.pending()
-                except QueueError:
-                    waiting = False
-                if waiting:
-                    self.serve(ring)
-                    deadline = time.perf_counter_ns() + self.poll_ns
+                if q.ready and ring.enabled:
+                    try:
+                        waiting = q.enable_notification()
+                    except QueueError:
+                        waiting = True  # serve() stops the ring and says why
+                    if waiting:
+                        self.serve(ring)
+                        again = True
+            if not again:
+                return
 
     def serve(self, ring: Ring) -> None:
         """Drain ``ring``; signal its call fd once if the driver wants it."""
@@ -178,34 +200,40 @@ class Worker:
         values, hist = counters.values, counters.hist
         st = self.dispatcher.stats
         before = (st.errors, st.malformed, st.bytes_read, st.bytes_written)
-        pushed = 0
+        pop, push = q.pop, q.push
+        pushed = busy_ns = 0
+        # With polling, _spin() watches the ring next and asks for kicks only
+        # before it sleeps: a driver publishing meanwhile need not kick.
+        rearm = not self.poll_ns
         try:
             while True:
                 q.disable_notification()
                 while True:
-                    chain = q.pop(mem)
+                    chain = pop(mem)
                     if chain is None:
                         break
                     _pack_progress(progress, slot, q.last_avail_idx)
                     if isinstance(chain, int):
                         log.warning("queue %d: malformed descriptor chain at head %d dropped",
                                     q.index, chain)
-                        q.push(chain, 0)
+                        push(chain, 0)
                         values[MALFORMED] += 1
                     else:
                         t0 = clock()
-                        q.push(chain.head, handle(chain))
+                        push(chain.head, handle(chain))
                         dt = clock() - t0
-                        values[BUSY_NS] += dt
-                        hist[latency_bucket(dt)] += 1
+                        busy_ns += dt
+                        bucket = (dt // 1000).bit_length()  # stats.latency_bucket, inlined
+                        hist[bucket if bucket < HIST_BUCKETS else HIST_BUCKETS - 1] += 1
                     pushed += 1
-                if not q.enable_notification():
+                if not rearm or not q.enable_notification():
                     break
         except QueueError as e:
             # The driver broke the ring itself; serving on would read garbage.
             log.error("queue %d stopped: %s", q.index, e)
             ring.errors.append(str(e))
             q.ready = False
+        values[BUSY_NS] += busy_ns
         values[REQUESTS] += pushed
         values[ERRORS] += st.errors - before[0]
         values[MALFORMED] += st.malformed - before[1]
@@ -378,6 +406,12 @@ class Worker:
         return {"worker": self.wid, "pid": os.getpid(), "requests": s.requests,
                 "errors": s.errors, "malformed": s.malformed, "dropped": s.dropped,
                 "bugs": s.bugs, "rings": sorted(self.rings)}
+
+    def c_dax_link(self, args: list[Any], fds: list[int]) -> None:
+        """A (new) link to the DAX coordinator: at start, and after it restarted."""
+        if self.dax is None or len(fds) != 1:
+            raise control.ControlError("no DAX here, or not one fd")
+        self.dax.attach(fds[0])
 
     def c_ping(self, args: list[Any], fds: list[int]) -> str:
         return "pong"

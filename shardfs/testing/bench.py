@@ -1,13 +1,24 @@
-"""Benchmarks through the in-repo frontend: ``scripts/bench``.
+"""shardfs side by side with virtiofsd, through the in-repo frontend: ``scripts/bench``.
 
-Each configuration starts a fresh daemon, connects the frontend, pre-builds
-``depth`` requests per request queue (:mod:`shardfs.testing.loadgen`) and
-drives every queue from its own process.  It reports the median, min and
-max of several runs, and the daemon's CPU seconds per operation (all of its
-processes, from /proc), so a number can be read as "how much backend work".
+Both backends are driven the same way: the in-repo vhost-user frontend shares
+memfd RAM with the daemon, pre-builds every request once
+(:mod:`shardfs.testing.loadgen`, :mod:`shardfs.testing.bench_workloads`) and
+then only republishes heads, so what is measured is the backend's work.
+virtiofsd serves its one request queue; shardfs is measured with each count
+of ``--queues``, one driver process per queue.
 
-    scripts/bench                       # 1 and 2 queues, default workloads
-    scripts/bench --queues 1,2,4 --poll-us 0,50 --json out.json
+For every workload and configuration the runs alternate between the two
+daemons (shardfs first on even runs, virtiofsd first on odd ones), and each
+shardfs run is divided by the virtiofsd run next to it: the ratio is the
+median of those pairs, with their min and max.  Each rate is reported as the
+median, min and max of the runs, beside the backend's CPU per unit (all
+threads of all its processes, from /proc) and how busy the frontend's
+drivers were (near 100% means the frontend, not the backend, set the pace).
+
+    scripts/get-virtiofsd                 # once, as root: fetch the peer
+    scripts/bench                         # every workload, shardfs 1, 2 and 4 queues
+    scripts/bench --queues 1 --workloads getattr,read4k --runs 3
+    scripts/bench --guest                 # fio and a metadata loop in a QEMU guest
 """
 
 from __future__ import annotations
@@ -15,160 +26,429 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardfs.abi import fuse as F
-from shardfs.abi.fuse import FuseOpcode as Op
+from shardfs.testing.bench_workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
 from shardfs.testing.frontend import Frontend, FuseClient
-from shardfs.testing.loadgen import prebuild, run_parallel
+from shardfs.testing.loadgen import LAYOUTS, Plan, prebuild, run_parallel
 
-READ_FILE_BYTES = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+PEER = REPO / ".peer" / "virtiofsd" / "usr" / "libexec" / "virtiofsd"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUEUE_SIZE = 1024
+MEM_BYTES = 1 << 30
+#: A driver process busier than this is taken to be the bottleneck.
+FRONTEND_BOUND = 0.9
+
+
+# -- CPU accounting -------------------------------------------------------------
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (children of any of their threads)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except FileNotFoundError:
+                pass
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live children (the daemon's process tree)."""
+    """CPU time of ``pid``'s process tree: every thread of every process.
+
+    Each thread's ``schedstat`` (nanoseconds on a CPU) is summed, so a
+    multi-threaded daemon such as virtiofsd counts all its threads.  Where
+    schedstat is missing, the process's utime + stime (all threads, clock
+    ticks) stands in.
+    """
     total = 0.0
-    pids = [pid]
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pids += [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        pass
-    for p in pids:
+    for p in process_tree(pid):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        except (FileNotFoundError, IndexError):
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        try:
+            for tid in tids:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):
             pass
+        except OSError:
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except (OSError, IndexError):
+                pass
     return total
 
 
-class Backend:
-    """A shardfs daemon started for one configuration."""
+# -- the two daemons ------------------------------------------------------------------
 
-    def __init__(self, tmp: Path, queues: int, poll_us: int) -> None:
-        self.shared = tmp / "shared"
+class Daemon:
+    """A backend process with a connected frontend and a FUSE session."""
+
+    name = "?"
+
+    def __init__(self, tmp: Path, label: str, queues: int, cmd: list[str]) -> None:
+        self.label = label
+        self.queues = queues
+        self.shared = tmp / f"{label}-shared"
         self.shared.mkdir(exist_ok=True)
-        self.socket = str(tmp / "bench.sock")
-        self.log = open(tmp / "daemon.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardfs", "--socket-path", self.socket, "--shared-dir",
-             str(self.shared), "--num-request-queues", str(queues), "--poll-us", str(poll_us),
-             "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.socket = str(tmp / f"{label}.sock")
+        self.cmd = [c.format(socket=self.socket, shared=self.shared) for c in cmd]
+        self.log_path = tmp / f"{label}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket + ".stats"):
+        while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daemon did not start")
+                self.stop()
+                raise RuntimeError(f"{label} did not start: {shlex.join(self.cmd)}\n"
+                                   + self.log_path.read_text()[-2000:])
             time.sleep(0.01)
+        time.sleep(0.05)  # the socket exists a moment before it listens
+        self.fe = Frontend(self.socket, num_queues=1 + queues, queue_size=QUEUE_SIZE,
+                           mem_size=MEM_BYTES).start()
+        self.client = FuseClient(self.fe)
+        self.client.init()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        if getattr(self, "fe", None) is not None:
+            self.fe.close()
+            self.fe = None  # type: ignore[assignment]
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
 
 
-Workload = Callable[[FuseClient, Path], Callable[[int], tuple[int, int, bytes]]]
+def shardfs_cmd(queues: int, poll_us: int, hardened: bool, extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "shardfs", "--socket-path", "{socket}", "--shared-dir",
+           "{shared}", "--num-request-queues", str(queues), "--poll-us", str(poll_us),
+           "--log-level", "warning", "--once"]
+    if not hardened:
+        cmd += ["--sandbox", "none", "--seccomp", "none"]
+    return cmd + shlex.split(extra)
 
 
-def w_getattr(c: FuseClient, shared: Path) -> Callable[[int], tuple[int, int, bytes]]:
-    return lambda i: (Op.FUSE_GETATTR, 1, F.fuse_getattr_in.pack(0, 0, 0))
+def virtiofsd_cmd(binary: str, hardened: bool, extra: str) -> list[str]:
+    cmd = [binary, "--socket-path", "{socket}", "--shared-dir", "{shared}", "--log-level",
+           "warn"]
+    if not hardened:
+        cmd += ["--sandbox", "none", "--seccomp", "none"]
+    return cmd + shlex.split(extra)
 
 
-def w_lookup(c: FuseClient, shared: Path) -> Callable[[int], tuple[int, int, bytes]]:
-    (shared / "lookup-target").touch()
-    return lambda i: (Op.FUSE_LOOKUP, 1, b"lookup-target\0")
+def find_virtiofsd(explicit: str | None) -> str | None:
+    """The peer binary: ``--virtiofsd``, else .peer/ (scripts/get-virtiofsd), else PATH."""
+    candidates = [explicit] if explicit else [str(PEER), "/usr/libexec/virtiofsd",
+                                              "virtiofsd"]
+    for c in candidates:
+        path = c if os.path.sep in c else None
+        if path is None:
+            from shutil import which
+            path = which(c)
+        if path and os.access(path, os.X_OK):
+            try:
+                subprocess.run([path, "--version"], check=True, capture_output=True, timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            return path
+    return None
 
 
-def w_read4k(c: FuseClient, shared: Path) -> Callable[[int], tuple[int, int, bytes]]:
-    path = shared / "read-target"
-    if not path.exists():
-        path.write_bytes(os.urandom(READ_FILE_BYTES))
-    nodeid = c.lookup(1, b"read-target")[0]
-    fh = c.open(nodeid)
-    return lambda i: (Op.FUSE_READ, nodeid, F.fuse_read_in.pack(
-        fh, (i * 4096) % READ_FILE_BYTES, 4096, 0, 0, 0, 0))
+def version_of(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
-WORKLOADS: dict[str, tuple[Workload, int]] = {
-    "getattr": (w_getattr, F.fuse_out_header.size + F.fuse_attr_out.size),
-    "lookup": (w_lookup, F.fuse_out_header.size + F.fuse_entry_out.size),
-    "read4k": (w_read4k, F.fuse_out_header.size + 4096),
-}
+# -- measuring ------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    rate: float  # units per second
+    cpu_us: float  # backend CPU microseconds per unit
+    frontend_busy: float  # the busiest driver's CPU / wall time
+    seconds: float
 
 
-def run_config(queues: int, poll_us: int, workloads: list[str], ops: int, depth: int,
-               runs: int) -> list[dict[str, Any]]:
-    out = []
-    with tempfile.TemporaryDirectory(prefix="shardfs-bench-") as tmp:
-        backend = Backend(Path(tmp), queues, poll_us)
-        try:
-            fe = Frontend(backend.socket, num_queues=1 + queues, queue_size=256,
-                          mem_size=256 << 20).start()
-            client = FuseClient(fe)
-            client.init()
-            for name in workloads:
-                make_fn, reply = WORKLOADS[name]
-                make = make_fn(client, backend.shared)
-                plans = {q: prebuild(fe, q, depth, make, reply) for q in range(1, 1 + queues)}
-                rates, cpu = [], []
-                for _ in range(runs):
-                    c0 = cpu_seconds(backend.proc.pid)
-                    res = run_parallel(fe, plans, ops)
-                    c1 = cpu_seconds(backend.proc.pid)
-                    wall = max(secs for _, secs, _ in res)
-                    errors = sum(e for _, _, e in res)
-                    if errors:
-                        raise RuntimeError(f"{name}: {errors} requests failed")
-                    rates.append(ops * queues / wall)
-                    cpu.append((c1 - c0) / (ops * queues))
-                out.append({"workload": name, "queues": queues, "poll_us": poll_us,
-                            "depth": depth, "ops_per_s_median": statistics.median(rates),
-                            "ops_per_s_min": min(rates), "ops_per_s_max": max(rates),
-                            "cpu_us_per_op": statistics.median(cpu) * 1e6})
-            fe.close()
-        finally:
-            backend.stop()
-    return out
+@dataclass
+class Series:
+    workload: str
+    unit: str
+    backend: str
+    queues: int
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        rates = [s.rate for s in self.samples]
+        return {"workload": self.workload, "unit": self.unit, "backend": self.backend,
+                "queues": self.queues, "median": statistics.median(rates), "min": min(rates),
+                "max": max(rates),
+                "cpu_us_per_unit": statistics.median(s.cpu_us for s in self.samples),
+                "frontend_busy": statistics.median(s.frontend_busy for s in self.samples),
+                "runs": [asdict(s) for s in self.samples]}
+
+
+class Prepared:
+    """A workload laid out on one daemon's queues; :meth:`release` frees the RAM."""
+
+    def __init__(self, d: Daemon, w: Workload, depth: int, readdir_bytes: int,
+                 layout: str = "compact", dir_entries: int = DIR_ENTRIES) -> None:
+        self.d, self.w = d, w
+        self.mark = d.fe.ram.mark
+        self.free = {i: list(q.free) for i, q in d.fe.queues.items()}
+        target = Target(d.label, d.shared, d.client, readdir_bytes, dir_entries)
+        self.plans: list[Plan] = []
+        for queue in range(1, 1 + d.queues):
+            slots, advance = w.build(target, queue, w.depth or depth)
+            self.plans.append(prebuild(d.fe, queue, slots, advance, layout))
+
+    def run(self, ops: int) -> Sample:
+        c0 = self.d.cpu()
+        res = run_parallel(self.d.fe, self.plans, ops)
+        c1 = self.d.cpu()
+        errors = sum(r.errors for r in res)
+        if errors:
+            raise RuntimeError(f"{self.d.label} {self.w.name}: {errors} requests failed "
+                               f"(log: {self.d.log_path})")
+        wall = max(r.seconds for r in res)
+        units = ops * len(self.plans) * self.w.per_op
+        return Sample(units / wall, (c1 - c0) / units * 1e6,
+                      max(r.cpu_s / r.seconds for r in res), wall)
+
+    def release(self) -> None:
+        self.d.fe.ram.reset_alloc(self.mark)
+        for i, free in self.free.items():
+            self.d.fe.queues[i].free = free
+
+
+def compare(shardfs: Daemon, peer: Daemon | None, w: Workload, args: argparse.Namespace,
+            ) -> tuple[Series, Series | None, list[float]]:
+    """Alternate runs of ``w`` on both daemons; the shardfs/peer ratio pair by pair."""
+    ops = args.ops or w.ops
+    if w.depth is None and w.unit == "ops/s" and ops < args.depth:
+        ops = args.depth
+    mine = Series(w.name, w.unit, "shardfs", shardfs.queues)
+    theirs = Series(w.name, w.unit, "virtiofsd", 1) if peer else None
+    prepared = [Prepared(shardfs, w, args.depth, args.readdir_bytes, args.layout)]
+    if peer is not None:
+        prepared.append(Prepared(peer, w, args.depth, args.readdir_bytes, args.layout))
+    ratios = []
+    try:
+        for p in prepared:  # warm up: page cache, node tables, code paths
+            p.run(max(1, ops // 10))
+        for i in range(args.runs):
+            order = prepared if i % 2 == 0 else prepared[::-1]
+            got = {p.d.name: p.run(ops) for p in order}
+            mine.samples.append(got["shardfs"])
+            if theirs is not None:
+                theirs.samples.append(got["virtiofsd"])
+                ratios.append(got["shardfs"].rate / got["virtiofsd"].rate)
+    finally:
+        for p in prepared:
+            p.release()
+    return mine, theirs, ratios
+
+
+class ShardfsDaemon(Daemon):
+    name = "shardfs"
+
+
+class VirtiofsdDaemon(Daemon):
+    name = "virtiofsd"
+
+
+# -- reporting ------------------------------------------------------------------------
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = report["rows"]
+    ratios = {(r["workload"], r["queues"]): r for r in report["ratios"]}
+    print(f"\n{'workload':<12} {'unit':<9} {'backend':<13} {'median':>10} {'min':>10} "
+          f"{'max':>10} {'cpu us/unit':>11} {'fe busy':>7}  {'x virtiofsd (min-max)':<22}")
+    for w in report["workloads"]:
+        for r in [x for x in rows if x["workload"] == w]:
+            label = (f"shardfs {r['queues']}q" if r["backend"] == "shardfs"
+                     else "virtiofsd 1q")
+            ratio = ""
+            rr = ratios.get((w, r["queues"])) if r["backend"] == "shardfs" else None
+            if rr:
+                ratio = f"{rr['median']:.2f} ({rr['min']:.2f}-{rr['max']:.2f})"
+            busy = f"{r['frontend_busy'] * 100:.0f}%"
+            if r["frontend_busy"] >= FRONTEND_BOUND:
+                busy += "*"
+            print(f"{w:<12} {r['unit']:<9} {label:<13} {fmt(r['median']):>10} "
+                  f"{fmt(r['min']):>10} {fmt(r['max']):>10} {r['cpu_us_per_unit']:>11.2f} "
+                  f"{busy:>7}  {ratio:<22}")
+    print("\ncpu us/unit: backend CPU (all threads, all processes) per op, per MB or per "
+          "directory entry.\nfe busy: the busiest frontend driver's CPU share; * = the "
+          "frontend, not the backend, set the pace.")
+    m = report["meta"]
+    print(f"machine: {m['cpus']} CPUs ({m['cpu_model']}), load before {m['load_before']}; "
+          f"the frontend's drivers share the CPUs with the daemons")
+
+
+def build_report(series: list[Series], ratios: dict[tuple[str, int], list[float]],
+                 meta: dict[str, Any], workloads: list[str]) -> dict[str, Any]:
+    rows = []
+    peer: dict[str, Series] = {}
+    for s in series:
+        if s.backend == "virtiofsd":  # one row per workload, from every paired run
+            peer.setdefault(s.workload, Series(s.workload, s.unit, s.backend, 1)).samples += \
+                s.samples
+        else:
+            rows.append(s.summary())
+    rows = [p.summary() for p in peer.values()] + rows
+    rows.sort(key=lambda r: (workloads.index(r["workload"]), r["backend"] == "shardfs",
+                             r["queues"]))
+    return {"meta": meta, "workloads": workloads, "rows": rows,
+            "ratios": [{"workload": w, "queues": q, "median": statistics.median(v),
+                        "min": min(v), "max": max(v), "pairs": v}
+                       for (w, q), v in ratios.items() if v]}
+
+
+def meta_info(args: argparse.Namespace, peer: str | None) -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        rev = "?"
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version(), "shardfs_rev": rev,
+            "virtiofsd": version_of(peer) if peer else None,
+            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "poll_us": args.poll_us, "depth": args.depth, "runs": args.runs,
+            "hardened": args.hardened, "readdir_bytes": args.readdir_bytes,
+            "layout": args.layout, "dir": args.dir or tempfile.gettempdir(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queues", default="1,2", help="request queue counts to compare")
-    p.add_argument("--poll-us", default="0", help="adaptive polling settings to compare")
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--ops", type=int, default=20000, help="operations per queue per run")
+    p.add_argument("--queues", default="1,2,4", help="shardfs request queue counts")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, from: {', '.join(WORKLOADS)}")
+    p.add_argument("--runs", type=int, default=5, help="measured runs per workload")
+    p.add_argument("--ops", type=int, default=0,
+                   help="operations per queue per run (default: per workload)")
     p.add_argument("--depth", type=int, default=32, help="requests in flight per queue")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = p.parse_args(argv)
-    results = []
-    for poll in [int(x) for x in args.poll_us.split(",")]:
-        for queues in [int(x) for x in args.queues.split(",")]:
-            results += run_config(queues, poll, args.workloads.split(","), args.ops,
-                                  args.depth, args.runs)
-    base = {(r["workload"], r["poll_us"]): r["ops_per_s_median"] for r in results
-            if r["queues"] == 1}
-    print(f"{'workload':<10} {'queues':>6} {'poll_us':>7} {'depth':>5} {'ops/s median':>13} "
-          f"{'min':>10} {'max':>10} {'cpu us/op':>9} {'x 1 queue':>9}")
-    for r in results:
-        ref = base.get((r["workload"], r["poll_us"]))
-        ratio = f"{r['ops_per_s_median'] / ref:.2f}" if ref else "-"
-        print(f"{r['workload']:<10} {r['queues']:>6} {r['poll_us']:>7} {r['depth']:>5} "
-              f"{r['ops_per_s_median']:>13,.0f} {r['ops_per_s_min']:>10,.0f} "
-              f"{r['ops_per_s_max']:>10,.0f} {r['cpu_us_per_op']:>9.1f} {ratio:>9}")
-    print(f"machine: {os.cpu_count()} CPUs; the frontend's drivers share them with the daemon")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    p.add_argument("--poll-us", type=int, default=50, help="shardfs adaptive polling")
+    p.add_argument("--layout", choices=LAYOUTS, default="compact",
+                   help="descriptor layout: compact, or linux (as the guest driver: "
+                   "headers, arguments and each 4 KiB page apart, in indirect tables)")
+    p.add_argument("--readdir-bytes", type=int, default=4096,
+                   help="READDIRPLUS buffer (a 6.12 guest asks for one page)")
+    p.add_argument("--virtiofsd", metavar="PATH", help="the peer binary (default: .peer/)")
+    p.add_argument("--no-virtiofsd", action="store_true", help="measure shardfs alone")
+    p.add_argument("--virtiofsd-args", default="", help="extra virtiofsd arguments")
+    p.add_argument("--shardfs-args", default="", help="extra shardfs arguments")
+    p.add_argument("--hardened", action="store_true",
+                   help="both daemons with their default sandbox and seccomp (default: none)")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the shared directories go (default: /dev/shm, a tmpfs, so "
+                   "that other disk traffic does not disturb the figures)")
+    p.add_argument("--out", default=str(REPO / "bench-out"),
+                   help="directory for bench.json and bench.png")
+    p.add_argument("--guest", action="store_true",
+                   help="run fio and a metadata loop in a QEMU guest instead")
+    args, rest = p.parse_known_args(argv)
+    if args.guest:
+        from shardfs.testing.bench_guest import main as guest_main
+        return guest_main(args, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    workloads = args.workloads.split(",")
+    for w in workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}")
+    peer = None if args.no_virtiofsd else find_virtiofsd(args.virtiofsd)
+    if peer is None and not args.no_virtiofsd:
+        print(f"*** virtiofsd not found (looked for {args.virtiofsd or PEER}): run "
+              "scripts/get-virtiofsd as root to fetch it.\n*** Measuring shardfs ALONE: "
+              "no comparison, no ratios.", file=sys.stderr)
+    elif peer:
+        print(f"peer: {peer} ({version_of(peer)})", file=sys.stderr)
+    meta = meta_info(args, peer)
+    series: list[Series] = []
+    ratios: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="shardfs-bench-", dir=args.dir) as tmp_s:
+        tmp = Path(tmp_s)
+        vd = None
+        try:
+            if peer:
+                vd = VirtiofsdDaemon(tmp, "virtiofsd", 1,
+                                     virtiofsd_cmd(peer, args.hardened, args.virtiofsd_args))
+            for queues in [int(x) for x in args.queues.split(",")]:
+                sd = ShardfsDaemon(tmp, f"shardfs-{queues}q", queues,
+                                   shardfs_cmd(queues, args.poll_us, args.hardened,
+                                               args.shardfs_args))
+                try:
+                    for name in workloads:
+                        print(f"{name}: shardfs {queues}q" + (" vs virtiofsd" if vd else ""),
+                              file=sys.stderr, flush=True)
+                        mine, theirs, r = compare(sd, vd, WORKLOADS[name], args)
+                        series.append(mine)
+                        if theirs is not None:
+                            series.append(theirs)
+                            ratios[(name, queues)] = r
+                finally:
+                    sd.stop()
+        finally:
+            if vd is not None:
+                vd.stop()
+    report = build_report(series, ratios, meta, workloads)
+    print_table(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'bench.json'}")
+    try:
+        from shardfs.testing.bench_chart import render
+    except ImportError as e:  # matplotlib missing
+        print(f"no chart ({e}): pip install -e '.[bench]'", file=sys.stderr)
+    else:
+        render(report, out / "bench.png")
+        print(f"wrote {out / 'bench.png'}")
     return 0
 
 

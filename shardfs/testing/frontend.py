@@ -64,6 +64,8 @@ class Frontend:
         self.call: dict[int, int] = {}
         self.features = 0
         self.protocol_features = 0
+        #: Protocol feature bits to accept beyond the defaults (testing.dax adds SHMEM).
+        self.extra_protocol_features = 0
         self.unique = 0
         if connect:
             self.connect()
@@ -130,7 +132,8 @@ class Frontend:
                                           | 1 << vu.ProtocolFeature.CONFIGURE_MEM_SLOTS
                                           | 1 << vu.ProtocolFeature.CONFIG
                                           | 1 << vu.ProtocolFeature.STATUS
-                                          | 1 << vu.ProtocolFeature.RESET_DEVICE)
+                                          | 1 << vu.ProtocolFeature.RESET_DEVICE
+                                          | self.extra_protocol_features)
         self.send(R.SET_PROTOCOL_FEATURES, vu.u64.pack(self.protocol_features))
         self.send(R.SET_OWNER)
 
@@ -332,6 +335,24 @@ class FuseClient:
 
     def unlink(self, parent: int, name: bytes) -> None:
         self.ok(Op.FUSE_UNLINK, parent, name + b"\0")
+
+    def readdirplus_entries(self, nodeid: int, fh: int, offset: int = 0,
+                            size: int = 4096) -> list[tuple[int, bytes]]:
+        """READDIRPLUS as (nodeid, name) pairs: each non-zero nodeid is a lookup
+        the caller owes a FORGET, as the kernel would."""
+        data = self.ok(Op.FUSE_READDIRPLUS, nodeid,
+                       F.fuse_read_in.pack(fh, offset, size, 0, 0, 0, 0),
+                       reply_size=F.fuse_out_header.size + size)
+        out = []
+        pos = 0
+        while pos < len(data):
+            entry_nodeid = F.fuse_entry_out.unpack_from(data, pos)[0]
+            _ino, _off, namelen, _typ = F.fuse_dirent.unpack_from(data,
+                                                                  pos + F.fuse_entry_out.size)
+            start = pos + F.FUSE_NAME_OFFSET_DIRENTPLUS
+            out.append((entry_nodeid, data[start:start + namelen]))
+            pos += F.fuse_rec_align(F.FUSE_NAME_OFFSET_DIRENTPLUS + namelen)
+        return out
 
     def readdir(self, nodeid: int, fh: int, offset: int = 0, size: int = 4096,
                 plus: bool = False) -> list[tuple[int, int, int, bytes]]:

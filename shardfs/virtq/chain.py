@@ -18,12 +18,14 @@ Walking is bounded as the spec requires (virtio 1.2 §2.7.5.3):
 * a device-readable descriptor after a device-writable one is refused
   (§2.7.4.2: "The driver MUST place any device-writable descriptor elements
   after any device-readable descriptor elements");
-* the total length is capped so a length sum cannot overflow a u32.
+* the total length is capped so a length sum cannot overflow a u32 (checked
+  once the walk ends: every length is a u32 and the walk is bounded).
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from shardfs.abi.virtio import (
     VIRTQ_DESC_F_INDIRECT,
@@ -41,6 +43,11 @@ MAX_INDIRECT_WALK = 1 << 16
 
 _DESC_SIZE = virtq_desc.size
 _unpack_desc = virtq_desc.unpack_from
+_iter_desc = virtq_desc.iter_unpack
+
+#: Indirect tables up to this many entries are unpacked at once (a 1 MiB
+#: request of 4 KiB pages needs 260); longer ones are read entry by entry.
+MAX_UNPACKED_TABLE = 1024
 
 
 class ChainError(Exception):
@@ -70,13 +77,20 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
     idx = head
     ttl = num
     in_indirect = False
+    views = mem.views
+    hit = mem.last_region
+    hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+    descs: list[tuple[int, int, int, int]] | None = None
     while True:
         if ttl == 0:
             raise ChainError("descriptor chain is longer than the table (a loop)")
         ttl -= 1
         if idx >= num:
             raise ChainError(f"descriptor index {idx} out of range {num}")
-        addr, length, flags, nxt = _unpack_desc(table, idx * _DESC_SIZE)
+        if descs is None:
+            addr, length, flags, nxt = _unpack_desc(table, idx * _DESC_SIZE)
+        else:
+            addr, length, flags, nxt = descs[idx]
         if flags & VIRTQ_DESC_F_INDIRECT:
             if in_indirect:
                 raise ChainError("indirect table inside an indirect table")
@@ -98,27 +112,47 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
             ttl = min(num, MAX_INDIRECT_WALK)
             in_indirect = True
             idx = 0
+            if ttl <= MAX_UNPACKED_TABLE:
+                # Unpack the whole (reachable) table in one C loop: a guest's
+                # 1 MiB request has a descriptor per page.
+                descs = list(_iter_desc(table[:ttl * _DESC_SIZE]))
+                num = ttl
             continue
         if length:
-            try:
-                parts = mem.views(addr, length)
-            except GuestMemoryError as e:
-                raise ChainError(str(e)) from e
-            if flags & VIRTQ_DESC_F_WRITE:
-                writable.extend(parts)
-                wlen += length
-            else:
-                if writable:
+            start = addr - hit_gpa
+            if 0 <= start and start + length <= hit_size:
+                # Inside the region the last translation hit (GuestMemory.views's
+                # fast path, inlined: most chains never leave one region).
+                part = hit_view[start:start + length]
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(part)
+                    wlen += length
+                elif writable:
                     raise ChainError("device-readable descriptor after a writable one")
-                readable.extend(parts)
-                rlen += length
-            if rlen + wlen > MAX_CHAIN_BYTES:
-                raise ChainError("chain length overflows u32")
-        elif flags & VIRTQ_DESC_F_WRITE:
-            pass
+                else:
+                    readable.append(part)
+                    rlen += length
+            else:
+                try:
+                    parts = views(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from e
+                hit = mem.last_region
+                hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable += parts
+                    wlen += length
+                elif writable:
+                    raise ChainError("device-readable descriptor after a writable one")
+                else:
+                    readable += parts
+                    rlen += length
         if not flags & VIRTQ_DESC_F_NEXT:
             break
         idx = nxt
+    # Each length is a u32 and the walk is bounded, so the sum is checked once.
+    if rlen + wlen > MAX_CHAIN_BYTES:
+        raise ChainError("chain length overflows u32")
     return DescriptorChain(head, readable, writable, rlen, wlen)
 
 
@@ -131,10 +165,15 @@ class ChainReader:
 
     __slots__ = ("_bufs", "_i", "_off", "remaining")
 
-    def __init__(self, bufs: list[memoryview], length: int) -> None:
+    def __init__(self, bufs: list[memoryview], length: int, index: int = 0,
+                 offset: int = 0) -> None:
+        """A stream of ``length`` bytes starting ``offset`` bytes into ``bufs[index]``.
+
+        ``offset`` must lie inside that view (the caller consumed what is before).
+        """
         self._bufs = bufs
-        self._i = 0
-        self._off = 0
+        self._i = index
+        self._off = offset
         self.remaining = length
 
     def read_struct(self, st: struct.Struct) -> tuple:
@@ -143,30 +182,53 @@ class ChainReader:
         if n > self.remaining:
             raise ShortRead(f"need {n} bytes, {self.remaining} left")
         buf = self._bufs[self._i]
-        if self._off + n <= len(buf):
-            val = st.unpack_from(buf, self._off)
-            self._advance(n)
-            return val
+        off = self._off
+        end = off + n
+        if end < len(buf):  # inside this view: no bookkeeping beyond the cursor
+            self._off = end
+            self.remaining -= n
+            return st.unpack_from(buf, off)
+        if end == len(buf):  # ends this view exactly: the next read starts the next one
+            self._i += 1
+            self._off = 0
+            self.remaining -= n
+            return st.unpack_from(buf, off)
         return st.unpack(self.read_bytes(n))
 
     def read_bytes(self, n: int) -> bytes:
         """Copy out ``n`` bytes (names and small payloads only)."""
         if n > self.remaining:
             raise ShortRead(f"need {n} bytes, {self.remaining} left")
-        return b"".join(bytes(v) for v in self.take(n))
+        if n:
+            buf = self._bufs[self._i]
+            off = self._off
+            end = off + n
+            if end < len(buf):  # inside this view (names usually are)
+                self._off = end
+                self.remaining -= n
+                return bytes(buf[off:end])
+        return b"".join([bytes(v) for v in self.take(n)])
 
     def take(self, n: int) -> list[memoryview]:
         """Views of the next ``n`` bytes, without copying (WRITE payloads)."""
         if n > self.remaining:
             raise ShortRead(f"need {n} bytes, {self.remaining} left")
+        self.remaining -= n
         out = []
+        bufs, i, off = self._bufs, self._i, self._off
         while n:
-            buf = self._bufs[self._i]
-            k = min(n, len(buf) - self._off)
-            if k:
-                out.append(buf[self._off:self._off + k])
-            self._advance(k)
-            n -= k
+            buf = bufs[i]
+            k = len(buf) - off
+            if k <= n:  # the rest of this view (the whole of it: no new view)
+                out.append(buf[off:] if off else buf)
+                n -= k
+                i += 1
+                off = 0
+            else:
+                out.append(buf[off:off + n])
+                off += n
+                n = 0
+        self._i, self._off = i, off
         return out
 
     def skip(self, n: int) -> None:
@@ -194,14 +256,21 @@ class ChainWriter:
 
     def views_at(self, offset: int, n: int) -> list[memoryview]:
         """Views of ``[offset, offset + n)`` of the writable side, clipped to capacity."""
-        out = []
         n = min(n, self.capacity - offset)
-        for buf in self._bufs:
+        bufs = self._bufs
+        if bufs and offset == len(bufs[0]) and n == self.capacity - offset:
+            return bufs[1:]  # all after the first view: a READ's data after its out header
+        out = []
+        for buf in bufs:
             if n <= 0:
                 break
             blen = len(buf)
             if offset >= blen:
                 offset -= blen
+                continue
+            if offset == 0 and n >= blen:  # the whole view: no new one
+                out.append(buf)
+                n -= blen
                 continue
             k = min(n, blen - offset)
             out.append(buf[offset:offset + k])
@@ -211,10 +280,34 @@ class ChainWriter:
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the writable side at ``offset``; it must fit."""
-        if offset + len(data) > self.capacity:
-            raise ShortRead(f"reply of {offset + len(data)} bytes exceeds buffer {self.capacity}")
-        pos = 0
-        for v in self.views_at(offset, len(data)):
-            v[:] = data[pos:pos + len(v)]
-            pos += len(v)
-        self.written = max(self.written, offset + len(data))
+        end = offset + len(data)
+        if end > self.capacity:
+            raise ShortRead(f"reply of {end} bytes exceeds buffer {self.capacity}")
+        bufs = self._bufs
+        first = len(bufs[0]) if bufs else 0
+        if first and end <= first:  # fast paths: within the first view, or within the second
+            bufs[0][offset:end] = data
+        elif len(bufs) > 1 and offset >= first and end - first <= len(bufs[1]):
+            bufs[1][offset - first:end - first] = data
+        else:
+            pos = 0
+            for v in self.views_at(offset, len(data)):
+                v[:] = data[pos:pos + len(v)]
+                pos += len(v)
+        if end > self.written:
+            self.written = end
+
+    def pack_at(self, st: struct.Struct, offset: int, *values: Any) -> None:
+        """``write_at(offset, st.pack(*values))``, packed in place when one view holds it."""
+        end = offset + st.size
+        bufs = self._bufs
+        if bufs and end <= len(bufs[0]):
+            st.pack_into(bufs[0], offset, *values)
+        elif (len(bufs) > 1 and offset >= len(bufs[0])
+              and end - len(bufs[0]) <= len(bufs[1])):
+            st.pack_into(bufs[1], offset - len(bufs[0]), *values)
+        else:
+            self.write_at(offset, st.pack(*values))
+            return
+        if end > self.written:
+            self.written = end

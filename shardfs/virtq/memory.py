@@ -45,12 +45,18 @@ class Region:
 #: Regions larger than this are refused: x86-64 user space is 47 bits.
 MAX_REGION_BYTES = 1 << 47
 
+#: Stands in for "no region hit yet": nothing fits in it.
+_NO_REGION = Region(0, 0, 0, 0)
+
 
 class GuestMemory:
     """The set of mapped regions, looked up by guest-physical address."""
 
     def __init__(self) -> None:
         self.regions: list[Region] = []
+        #: The region the last translation hit: chains sit in one region almost
+        #: always, so :meth:`views` tries it before scanning (reset on any change).
+        self._hit = _NO_REGION
 
     def add(self, gpa: int, size: int, user_addr: int, mmap_offset: int, fd: int) -> Region:
         """Map one region.  The caller keeps ownership of ``fd`` (mmap dups it)."""
@@ -70,6 +76,7 @@ class GuestMemory:
         region = Region(gpa, size, user_addr, mmap_offset, mapping, view)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
+        self._hit = _NO_REGION
         return region
 
     def remove(self, gpa: int, size: int) -> bool:
@@ -77,14 +84,21 @@ class GuestMemory:
         for i, r in enumerate(self.regions):
             if r.gpa == gpa and r.size == size:
                 del self.regions[i]
+                self._hit = _NO_REGION
                 _release(r)
                 return True
         return False
 
     def clear(self) -> None:
+        self._hit = _NO_REGION
         for r in self.regions:
             _release(r)
         self.regions = []
+
+    @property
+    def last_region(self) -> Region:
+        """The region the last translation hit (an empty one after any change)."""
+        return self._hit
 
     def _find(self, gpa: int) -> Region:
         for r in self.regions:
@@ -96,7 +110,11 @@ class GuestMemory:
         """A view of ``length`` bytes at ``gpa`` that must lie in one region."""
         if length < 0:
             raise GuestMemoryError("negative length")
-        r = self._find(gpa)
+        r = self._hit
+        start = gpa - r.gpa
+        if 0 <= start < r.size and start + length <= r.size:
+            return r.view[start:start + length]
+        r = self._hit = self._find(gpa)
         start = gpa - r.gpa
         if start + length > r.size:
             raise GuestMemoryError(f"{length:#x} bytes at gpa {gpa:#x} cross the region end")
@@ -104,9 +122,14 @@ class GuestMemory:
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``length`` bytes at ``gpa``, split where regions meet."""
+        r = self._hit
+        start = gpa - r.gpa
+        if start >= 0 and length > 0 and start + length <= r.size:
+            return [r.view[start:start + length]]
         out = []
         while length > 0:
             r = self._find(gpa)
+            self._hit = r
             start = gpa - r.gpa
             n = min(length, r.size - start)
             out.append(r.view[start:start + n])

@@ -46,6 +46,7 @@ _u16 = struct.Struct("<H")
 _unpack_u16 = _u16.unpack_from
 _pack_u16 = _u16.pack_into
 _pack_used = virtq_used_elem.pack_into
+_USED_ELEM_SIZE = virtq_used_elem.size
 
 _libc = ctypes.CDLL(None)
 _spin = ctypes.c_int(0)
@@ -132,16 +133,19 @@ class SplitQueue:
         malformed (the caller returns it with length 0 and counts it); or
         None when the ring is empty.
         """
-        if not self.pending():
+        avail, last, num = self._avail, self.last_avail_idx, self.num
+        n = (_unpack_u16(avail, VIRTQ_AVAIL_IDX)[0] - last) & 0xFFFF  # pending(), inlined
+        if not n:
             return None
-        slot = VIRTQ_AVAIL_RING + 2 * (self.last_avail_idx % self.num)
-        head = _unpack_u16(self._avail, slot)[0]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if head >= self.num:
+        if n > num:
+            raise QueueError(f"queue {self.index}: avail idx moved {n} past a ring of {num}")
+        head = _unpack_u16(avail, VIRTQ_AVAIL_RING + 2 * (last & (num - 1)))[0]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if head >= num:
             self.malformed += 1
             raise QueueError(f"queue {self.index}: head {head} out of range")
         try:
-            return walk_chain(mem, self._desc, self.num, head, self.indirect)
+            return walk_chain(mem, self._desc, num, head, self.indirect)
         except Exception:
             self.malformed += 1
             return head
@@ -161,10 +165,11 @@ class SplitQueue:
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (the used element first, then used.idx)."""
-        slot = VIRTQ_USED_RING + virtq_used_elem.size * (self.used_idx % self.num)
-        _pack_used(self._used, slot, head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _pack_u16(self._used, VIRTQ_USED_IDX, self.used_idx)
+        used, idx = self._used, self.used_idx
+        _pack_used(used, VIRTQ_USED_RING + _USED_ELEM_SIZE * (idx & (self.num - 1)), head, length)
+        idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _pack_u16(used, VIRTQ_USED_IDX, idx)
 
     def needs_notification(self) -> bool:
         """Whether to signal the call fd for the chains pushed since the last signal."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from shardfs.abi.fuse import (
     FATTR_ATIME,
@@ -63,17 +64,38 @@ class AttrOps(PassthroughBase):
     def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:
         """Apply the FATTR_* fields in kernel order; return the fresh stat.
 
+        MODE, SIZE and times run under the caller's ids (``creds``), so the
+        host kernel's rules are the result: chmod by a non-owner is EPERM
+        and drops S_ISGID for a caller outside the file's group, a
+        non-root truncate clears setuid/setgid, explicit times need the
+        owner.  Two things run as the daemon, because the guest kernel
+        sends them on another's behalf: a chmod that only *clears*
+        setuid/setgid (the guest's own kill-privilege step after a
+        non-owner's write), and chown (the guest kernel has vetted it; the
+        host clears setuid/setgid on any chown of a non-directory).
+
         MODE on a symlink is EOPNOTSUPP (Linux has no lchmod); SIZE of
         anything but a regular file is EISDIR/EINVAL as truncate(2) says.
-        With FATTR_FH the handle must be one we issued (EBADF otherwise).
-        KILL_SUIDGID (without MODE) clears setuid/setgid as the kernel would
-        for a caller without CAP_FSETID.
+        With FATTR_FH the handle must be one we issued for this node (EBADF
+        otherwise).  KILL_SUIDGID (without MODE) clears setuid/setgid as
+        the kernel would for a caller without CAP_FSETID.
         """
         node = self._node(nodeid)
         valid = attr.valid
-        hfd = self._handles.get(attr.fh).fd if valid & FATTR_FH else None
+        hfd = None
+        if valid & FATTR_FH:
+            h = self._handles.get(attr.fh)
+            if h.nodeid != nodeid:
+                raise FsError(errno.EBADF)
+            hfd = h.fd
         if valid & FATTR_MODE:
-            self._chmod(node, hfd, attr.mode & MODE_PERM_MASK)
+            mode = attr.mode & MODE_PERM_MASK
+            cur = stat.S_IMODE(os.stat(node.fd).st_mode)
+            if mode == cur & ~(stat.S_ISUID | stat.S_ISGID) and mode != cur:
+                self._chmod(node, hfd, mode)  # a pure privilege drop
+            else:
+                with caller_creds(ctx):
+                    self._chmod(node, hfd, mode)
         elif valid & FATTR_KILL_SUIDGID and node.is_reg:
             mode = os.stat(node.fd).st_mode
             if kill_suidgid_mode(mode) != mode:
@@ -82,12 +104,18 @@ class AttrOps(PassthroughBase):
             uid = attr.uid if valid & FATTR_UID else lsys.ID_UNCHANGED
             gid = attr.gid if valid & FATTR_GID else lsys.ID_UNCHANGED
             lsys.fchownat(node.fd, b"", uid, gid, lsys.AT_EMPTY_PATH | lsys.AT_SYMLINK_NOFOLLOW)
+            if node.is_reg:
+                self._drop_mapped_capability(self._proc_path(node))
         if valid & FATTR_SIZE:
-            self._truncate(node, hfd, check_offset(attr.size))
+            size = check_offset(attr.size)
+            with caller_creds(ctx):
+                self._truncate(node, hfd, size)
+            self._drop_mapped_capability(self._proc_path(node))
         if valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW):
             times = (_timespec(valid, FATTR_ATIME, FATTR_ATIME_NOW, attr.atime_ns),
                      _timespec(valid, FATTR_MTIME, FATTR_MTIME_NOW, attr.mtime_ns))
-            lsys.utimensat(node.fd, b"", times, lsys.AT_EMPTY_PATH)
+            with caller_creds(ctx):
+                lsys.utimensat(node.fd, b"", times, lsys.AT_EMPTY_PATH)
         return os.stat(node.fd), self._policy.attr_timeout_s
 
     def _chmod(self, node: Node, hfd: int | None, mode: int) -> None:
@@ -132,14 +160,14 @@ class AttrOps(PassthroughBase):
         """faccessat2(AT_EACCESS|AT_EMPTY_PATH) under the caller's fsuid/fsgid.
 
         So the host kernel judges the caller's ids against the inode's mode
-        and ACLs, as it would for that user (supplementary groups are the
-        daemon's; see ``creds``).  Guests mounted with default_permissions
-        rarely send ACCESS at all.
+        and ACLs, as it would for that user (strictly: no capability is
+        kept, and the only groups are the fsgid; see ``creds``).  virtio-fs
+        guests mount with default_permissions and do not send ACCESS.
         """
         node = self._node(nodeid)
         if mask & ~ACCESS_MASK:
             raise FsError(errno.EINVAL)
-        with caller_creds(ctx):
+        with caller_creds(ctx, strict=True):
             lsys.faccessat(node.fd, b"", mask, lsys.AT_EACCESS | lsys.AT_EMPTY_PATH)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:

@@ -13,6 +13,8 @@ every op group relies on:
   walk a guest could influence.  Only regular files and directories are
   ever reopened (CVE-2020-35517).
 * Guest open flags pass through an allow-list (:data:`HOST_OPEN_FLAGS`).
+* A handle is used only with the node it was opened on: a READ, WRITE,
+  RELEASE... naming another node is EBADF, as in virtiofsd.
 
 The op groups are mixins on this base; ``fs.PassthroughFs`` combines them
 and owns the constructor.
@@ -23,15 +25,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from shardfs.abi.fuse import FUSE_WRITEBACK_CACHE
-from shardfs.fs.api import Entry, FileSystem, FsError
+from shardfs.abi.fuse import FUSE_DONT_MASK, FUSE_POSIX_ACL, FUSE_WRITEBACK_CACHE
+from shardfs.fs.api import Entry, FileSystem, FsError, SecContext
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.handles import Handle
 from shardfs.fs.passthrough.nodes import Node
 from shardfs.fs.passthrough.policy import CachePolicy
 from shardfs.fs.passthrough.shared import SharedHandleTable, SharedNodeTable, SharedState
+from shardfs.fs.xattrmap import XattrMap
 
 #: OPEN of anything but a regular file or directory answers this (DESIGN §4,
 #: CVE-2020-35517).  ENXIO is what open(2) itself says for a socket, and a
@@ -42,9 +46,12 @@ SPECIAL_OPEN_ERRNO = errno.ENXIO
 #: Guest open flags forwarded to the host open; everything else (O_CREAT,
 #: O_EXCL, O_NOCTTY, O_PATH, O_TMPFILE, O_ASYNC, O_LARGEFILE, unknown bits)
 #: is dropped.  O_NOFOLLOW is dropped too: the node is already resolved and
-#: the /proc magic link would make it ELOOP.
-HOST_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_DIRECT | os.O_SYNC
-                   | os.O_DSYNC | os.O_NOATIME | os.O_NONBLOCK)
+#: the /proc magic link would make it ELOOP.  O_DIRECT is forwarded only
+#: with ``allow_direct_io`` (as virtiofsd): FUSE serves a guest's O_DIRECT
+#: I/O at any offset and length, which the host's O_DIRECT would refuse
+#: (EINVAL) unless aligned to its block size.
+HOST_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+                   | os.O_NOATIME | os.O_NONBLOCK)
 
 #: How a guest name is resolved under its parent when openat2 is available.
 RESOLVE_ONE_NAME = lsys.RESOLVE_BENEATH | lsys.RESOLVE_NO_SYMLINKS | lsys.RESOLVE_NO_MAGICLINKS
@@ -98,6 +105,11 @@ class PassthroughBase(FileSystem):
     _policy: CachePolicy
     _xattr: bool
     _writeback: bool
+    _allow_direct_io: bool
+    _xattrmap: XattrMap | None
+    #: Where the map puts the guest's security.capability, when it moves it:
+    #: the host kernel then no longer drops it on write/truncate/chown, so we do.
+    _mapped_capability: bytes | None
     _has_openat2: bool
     #: O_PATH fd on /proc/self/fd, for the reopen magic links.
     _proc_fd: int
@@ -106,6 +118,32 @@ class PassthroughBase(FileSystem):
     def _writeback_on(self) -> bool:
         """Writeback as negotiated at INIT, which only one worker sees: shared state."""
         return bool(self._shared.init_flags & FUSE_WRITEBACK_CACHE)
+
+    @property
+    def _acl_on(self) -> bool:
+        """POSIX ACLs negotiated: the guest enforces them and sends modes unmasked."""
+        return bool(self._shared.init_flags & FUSE_POSIX_ACL)
+
+    @contextmanager
+    def _creation_umask(self, umask: int) -> Iterator[int]:
+        """Yield the mask to apply to a new inode's mode; set the umask for the block.
+
+        Without POSIX ACLs the guest's umask is applied here (the daemon
+        runs with umask 0), and the block sees it as the mask to use.  With
+        them (FUSE_DONT_MASK) the mode arrives unmasked and only the host
+        kernel knows whether the parent's default ACL replaces the umask,
+        so the process umask is the guest's for the block and the mask
+        yielded is 0, as virtiofsd does.
+        """
+        umask &= MODE_PERM_MASK
+        if not self._shared.init_flags & FUSE_DONT_MASK:
+            yield umask
+            return
+        old = os.umask(umask)
+        try:
+            yield 0
+        finally:
+            os.umask(old)
 
     # -- ids ------------------------------------------------------------------
 
@@ -119,17 +157,18 @@ class PassthroughBase(FileSystem):
             raise FsError(errno.ENOTDIR)
         return node
 
-    def _file_handle(self, fh: int) -> Handle:
-        """A handle from OPEN/CREATE; EBADF if it is a directory handle."""
+    def _file_handle(self, fh: int, nodeid: int) -> Handle:
+        """A handle from OPEN/CREATE on ``nodeid``; EBADF for a directory handle,
+        or one opened on another node."""
         h = self._handles.get(fh)
-        if h.is_dir:
+        if h.is_dir or h.nodeid != nodeid:
             raise FsError(errno.EBADF)
         return h
 
-    def _dir_handle(self, fh: int) -> Handle:
-        """A handle from OPENDIR; EBADF if it is a file handle."""
+    def _dir_handle(self, fh: int, nodeid: int) -> Handle:
+        """A handle from OPENDIR on ``nodeid``; EBADF for a file handle or another node."""
         h = self._handles.get(fh)
-        if not h.is_dir:
+        if not h.is_dir or h.nodeid != nodeid:
             raise FsError(errno.EBADF)
         return h
 
@@ -182,6 +221,30 @@ class PassthroughBase(FileSystem):
         return Entry(node.nodeid, node.generation, st, self._policy.entry_timeout_s,
                      self._policy.attr_timeout_s)
 
+    def _label(self, target: int | str, labels: tuple[SecContext, ...]) -> None:
+        """Give a new inode its security labels (FUSE_SECURITY_CTX), names mapped.
+
+        ``target`` is the new file's open fd or its node's magic-link path.
+        Only ``security.*`` names are labels; anything else is EINVAL.
+        """
+        for sc in labels:
+            if not sc.name.startswith(b"security.") or b"\0" in sc.name:
+                raise FsError(errno.EINVAL)
+            name = self._xattrmap.to_host(sc.name) if self._xattrmap is not None else sc.name
+            os.setxattr(target, name, sc.value)
+
+    def _drop_mapped_capability(self, target: int | str) -> None:
+        """Remove the guest's remapped security.capability, as the kernel drops the
+        real one on a write, truncate or chown.  ``target`` is an open fd or a
+        magic-link path; a missing xattr is fine."""
+        if self._mapped_capability is None:
+            return
+        try:
+            os.removexattr(target, self._mapped_capability)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+
     # -- flags --------------------------------------------------------------
 
     def _host_open_flags(self, flags: int) -> int:
@@ -192,7 +255,7 @@ class PassthroughBase(FileSystem):
         position itself, so O_WRONLY becomes O_RDWR and O_APPEND is dropped,
         as virtiofsd does.
         """
-        flags &= HOST_OPEN_FLAGS
+        flags &= HOST_OPEN_FLAGS | (os.O_DIRECT if self._allow_direct_io else 0)
         if flags & os.O_ACCMODE == os.O_ACCMODE:
             raise FsError(errno.EINVAL)
         if self._writeback_on:

@@ -1,64 +1,202 @@
-"""Run a creating operation with the caller's fsuid/fsgid (DESIGN §4).
+"""Run an operation with the caller's fsuid/fsgid (DESIGN §4).
 
-A new inode takes its owner from the creating thread's fsuid and its group
-from the fsgid (or from a setgid parent directory), so CREATE, MKNOD, MKDIR
-and SYMLINK run under the guest caller's ids, as virtiofsd's credentials
-guard does.  ``setfsuid``/``setfsgid`` act on the calling thread only.
+**What runs under the caller's ids.**  Every op whose *outcome* depends on
+who asks: CREATE, TMPFILE, MKNOD, MKDIR, SYMLINK and LINK (the owner and
+group of a new inode, setgid inheritance from the parent, S_ISGID dropped
+for a creator outside the parent's group, ``protected_hardlinks``), SETATTR
+(chmod by a non-owner is EPERM and drops S_ISGID for a caller outside the
+file's group; a non-root truncate clears setuid/setgid; explicit times
+need the owner; chown alone runs as the daemon, see ``attrs``), the POSIX
+ACL xattrs (owner only; the mode update drops
+S_ISGID) and ACCESS.  The host kernel applies those rules itself, so they
+are its own and not a re-implementation.
 
-Side effects worth knowing: changing the fsuid from 0 to another id clears
-the filesystem capabilities (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER,
-CAP_FSETID, CAP_MKNOD, ...) from the effective set until it returns to 0.
-So under a non-root caller the host kernel checks the parent's permissions
-against that caller, strips S_ISGID the way it would for them, and refuses
-device nodes.  Supplementary groups are the daemon's own: the sandbox must
-drop them at start (CVE-2022-0358).
+**What the guest kernel decides.**  virtio-fs always mounts with
+``default_permissions``, so the guest kernel has already checked the
+caller's permission with its full credentials, supplementary groups and
+(with ``posix_acl``) ACLs included, before any request reaches us.  The
+host knows one fsgid and, for creating ops, at most one supplementary group
+(FUSE_CREATE_SUPP_GROUP), so a second DAC check on the host could only
+*wrongly* refuse what a guest group member may do.  Hence, while switched,
+CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH stay in the effective set (as
+virtiofsd keeps DAC_OVERRIDE when it cannot learn the groups); CAP_CHOWN,
+CAP_FOWNER, CAP_FSETID and CAP_MKNOD do not, so the ownership rules above
+are the host's.  ACCESS alone (``strict=True``) is judged without them:
+it exists to ask the host that very question.
+
+Keeping DAC needs capset(2); a daemon whose seccomp filter forbids it is
+built with ``guest_dac=False`` (:func:`configure`), and then switched ops
+meet the host's DAC check with the caller's fsuid, fsgid and the one
+supplementary group of FUSE_CREATE_SUPP_GROUP, as virtiofsd does when it
+can learn that group.
+
+Ops whose result does not depend on the caller (LOOKUP, GETATTR, READ,
+WRITE, READDIR, UNLINK, RENAME, the other xattrs...) run as the daemon.
+Each change of credentials costs the kernel about 2 us here (it copies and
+commits a new ``struct cred``), so a switch and its restore cost about
+13 us for a non-root caller (ids, capset, ids back): doing it for every op
+would make a 2 us GETATTR take 15 us, for no change in any result.  For
+callers with the daemon's own ids nothing is switched.
+
+Node and handle ids are resolved *before* switching: reopening a node by
+file handle needs CAP_DAC_READ_SEARCH in full, and a handle's fd is never
+reopened under the caller's ids (an open file survives a later chmod).
+
+Side effects: ``setfsuid``/``setfsgid``/``capset`` act on the calling
+thread; ``setgroups`` (for the one supplementary group a create may carry)
+acts on the process, which is single-threaded.  Supplementary groups are
+otherwise empty: the worker drops them at start (CVE-2022-0358).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
+from dataclasses import dataclass
+from types import TracebackType
 
 from shardfs.fs.api import Context, FsError
 from shardfs.fs.passthrough import sys as lsys
 
-
-def _switch_gid(gid: int) -> int:
-    old = lsys.setfsgid(gid)
-    if lsys.setfsgid(lsys.ID_UNCHANGED) != gid:
-        lsys.setfsgid(old)
-        raise FsError(errno.EPERM)
-    return old
+#: Kept in the effective set while switched (see the module doc).
+KEEP_DAC_MASK = (1 << lsys.CAP_DAC_OVERRIDE) | (1 << lsys.CAP_DAC_READ_SEARCH)
 
 
-def _switch_uid(uid: int) -> int:
-    old = lsys.setfsuid(uid)
-    if lsys.setfsuid(lsys.ID_UNCHANGED) != uid:
-        lsys.setfsuid(old)
-        raise FsError(errno.EPERM)
-    return old
+@dataclass(slots=True)
+class _Home:
+    """The daemon's own ids and capabilities, read once."""
+
+    fsuid: int
+    fsgid: int
+    groups: list[int]
+    #: capset to apply after switching away from fsuid 0 (None: leave the kernel's).
+    switched: lsys.PreparedCaps | None
+    #: capset to apply after switching back (None: the kernel's restore is exact).
+    restore: lsys.PreparedCaps | None
+    #: CAP_SETUID and CAP_SETGID are effective: setfsuid/setfsgid cannot fail
+    #: for a valid id, so the switch needs no read-back.
+    sure: bool
 
 
-@contextmanager
-def caller_creds(ctx: Context) -> Iterator[None]:
-    """Switch fsgid then fsuid to the caller's for the block; always restore.
+_home: _Home | None = None
+_guest_dac = True
 
-    EPERM if the switch does not take (the daemon lacks CAP_SETUID/SETGID,
-    or the id is ``(uid_t)-1``).  The group goes first and comes back last
-    so the uid switch never runs without the group already in place.
-    """
-    cur_uid = lsys.setfsuid(lsys.ID_UNCHANGED)
-    cur_gid = lsys.setfsgid(lsys.ID_UNCHANGED)
-    if ctx.uid == cur_uid and ctx.gid == cur_gid:
-        yield
-        return
-    old_gid = _switch_gid(ctx.gid)
-    try:
-        old_uid = _switch_uid(ctx.uid)
+
+def configure(*, guest_dac: bool) -> None:
+    """Choose whether switched ops keep CAP_DAC_OVERRIDE/READ_SEARCH (see the
+    module doc); process-wide, like the credentials themselves."""
+    global _home, _guest_dac
+    _guest_dac = guest_dac
+    _home = None
+
+
+def _read_home() -> _Home:
+    global _home
+    if _home is None:
+        fsuid = lsys.setfsuid(lsys.ID_UNCHANGED)
+        fsgid = lsys.setfsgid(lsys.ID_UNCHANGED)
+        switched = restore = None
         try:
-            yield
-        finally:
-            lsys.setfsuid(old_uid)
-    finally:
-        lsys.setfsgid(old_gid)
+            caps = lsys.capget()
+        except OSError:
+            caps = None
+        setid = (1 << lsys.CAP_SETUID) | (1 << lsys.CAP_SETGID)
+        sure = caps is not None and caps.effective & setid == setid
+        if caps is not None and fsuid == 0:
+            if _guest_dac:
+                eff = (caps.effective & ~lsys.CAP_FS_MASK) | (caps.permitted & KEEP_DAC_MASK)
+                switched = lsys.PreparedCaps(caps._replace(effective=eff))
+            # Back at fsuid 0 the kernel raises every permitted fs capability.
+            if caps.effective & lsys.CAP_FS_MASK != caps.permitted & lsys.CAP_FS_MASK:
+                restore = lsys.PreparedCaps(caps)
+        _home = _Home(fsuid, fsgid, os.getgroups(), switched, restore, sure)
+    return _home
+
+
+class _Switched:
+    """The context manager for a real switch; see :func:`caller_creds`."""
+
+    __slots__ = ("uid", "gid", "groups", "strict", "_old_uid", "_old_gid", "_caps",
+                 "_grouped")
+
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...], strict: bool) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.strict = strict
+        self._old_uid = self._old_gid = -1
+        self._caps = False
+        self._grouped = False
+
+    def __enter__(self) -> None:
+        home = _read_home()
+        if self.uid == lsys.ID_UNCHANGED or self.gid == lsys.ID_UNCHANGED:
+            raise FsError(errno.EINVAL)  # (uid_t)-1 is "query", never an id
+        try:
+            if self.groups:
+                os.setgroups(list(self.groups))
+                self._grouped = True
+            if self.gid != home.fsgid:
+                self._old_gid = lsys.setfsgid(self.gid)
+                if not home.sure and lsys.setfsgid(lsys.ID_UNCHANGED) != self.gid:
+                    raise FsError(errno.EPERM)
+            if self.uid != home.fsuid:
+                self._old_uid = lsys.setfsuid(self.uid)
+                if not home.sure and lsys.setfsuid(lsys.ID_UNCHANGED) != self.uid:
+                    raise FsError(errno.EPERM)
+            if home.fsuid == 0 and self.uid != 0:
+                self._caps = True  # the kernel dropped the fs capabilities
+                if home.switched is not None and not self.strict:
+                    home.switched.apply()
+        except BaseException:
+            self._restore(home)
+            raise
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._restore(_read_home())
+
+    def _restore(self, home: _Home) -> None:
+        """Back to the daemon's ids, group last (it was switched first)."""
+        if self._old_uid >= 0:
+            lsys.setfsuid(self._old_uid)
+        if self._old_gid >= 0:
+            lsys.setfsgid(self._old_gid)
+        if self._caps and home.restore is not None:
+            home.restore.apply()
+        if self._grouped:
+            os.setgroups(home.groups)
+        self._old_uid = self._old_gid = -1
+        self._caps = self._grouped = False
+
+
+class _Unchanged:
+    """The no-op context manager for callers with the daemon's own ids."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+
+_UNCHANGED = _Unchanged()
+
+
+def caller_creds(ctx: Context, *, strict: bool = False) -> _Switched | _Unchanged:
+    """A context manager running its block with the caller's fsuid/fsgid.
+
+    ``ctx.supp_groups`` (host ids) become the supplementary groups for the
+    block.  Unless ``strict``, DAC checks stay the guest kernel's (see the
+    module doc).  EPERM if the switch does not take (no CAP_SETUID/SETGID),
+    EINVAL for the id ``(uid_t)-1``.  The daemon's ids, capabilities and
+    groups always come back, whatever the block raises.  A caller with the
+    daemon's own ids and no extra groups switches nothing.
+    """
+    home = _read_home()
+    if ctx.uid == home.fsuid and ctx.gid == home.fsgid and not ctx.supp_groups:
+        return _UNCHANGED
+    return _Switched(ctx.uid, ctx.gid, ctx.supp_groups, strict)

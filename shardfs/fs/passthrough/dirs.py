@@ -40,7 +40,7 @@ class DirOps(PassthroughBase):
         eagerly, so those errors raise from the call itself.  The iterator
         stops quietly if the handle is released while it is suspended.
         """
-        h = self._dir_handle(fh)
+        h = self._dir_handle(fh, nodeid)
         os.lseek(h.fd, check_offset(offset), os.SEEK_SET)
         buf = bytearray(DIRENT_BUF_SIZE)
         filled = lsys.getdents64(h.fd, buf)
@@ -55,10 +55,10 @@ class DirOps(PassthroughBase):
             filled = lsys.getdents64(h.fd, buf)
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
-        self._dir_handle(fh)
+        self._dir_handle(fh, nodeid)
         self._handles.close(fh)
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
-        h = self._dir_handle(fh)
+        h = self._dir_handle(fh, nodeid)
         (os.fdatasync if datasync else os.fsync)(h.fd)
 

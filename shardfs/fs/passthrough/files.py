@@ -1,9 +1,14 @@
-"""File ops: OPEN, CREATE, READ, WRITE, RELEASE, FLUSH, FSYNC, FALLOCATE,
-LSEEK, COPY_FILE_RANGE.
+"""File ops: OPEN, CREATE, TMPFILE, READ, WRITE, RELEASE, FLUSH, FSYNC,
+FALLOCATE, LSEEK, COPY_FILE_RANGE.
 
 A handle's fd is a real open file owned by the handle table.  READ and WRITE
 move data straight between that fd and the guest-memory memoryviews with
 preadv/pwritev, never through an intermediate ``bytes`` (DESIGN §5).
+
+Opens run as the daemon: the guest kernel has checked the caller's access
+(``creds`` says why), and a file's creation runs under the caller's ids.
+setuid/setgid are cleared where the caller's own write, truncate or O_TRUNC
+open would clear them (FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID).
 """
 
 from __future__ import annotations
@@ -67,27 +72,53 @@ def _kill_suidgid_fd(fd: int) -> None:
 
 
 class FileOps(PassthroughBase):
-    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+    def open(self, ctx: Context, nodeid: int, flags: int, kill_suidgid: bool = False) -> Opened:
         """Reopen a regular file (or directory) node for I/O under a new fh.
 
         Anything else is refused with SPECIAL_OPEN_ERRNO, never opened.
+        O_TRUNC clears setuid/setgid as the caller's own truncation would
+        (see :meth:`_truncated`).
         """
         node = self._node(nodeid)
         hflags = self._host_open_flags(flags)
         self._handles.check_room()
         fd = self._reopen(node, hflags)
+        try:
+            self._truncated(ctx, fd, hflags, kill_suidgid)
+        except BaseException:
+            os.close(fd)
+            raise
         # A file handle even on a directory: the kind follows the op (OPEN
         # vs OPENDIR), so RELEASE, not RELEASEDIR, frees it.
         h = self._handles.add(fd, nodeid, is_dir=False, flags=hflags)
         return Opened(h.fh, self._policy.open_flags)
 
+    def _truncated(self, ctx: Context, fd: int, hflags: int, kill_suidgid: bool) -> None:
+        """After an O_TRUNC open (done as root, which keeps setuid/setgid):
+        what the caller's own truncation would also do.
+
+        setuid/setgid go when the guest asks (FUSE_OPEN_KILL_SUIDGID) or the
+        caller is not root: a guest without killpriv_v2 cannot ask, because
+        its kernel drops the kill step of an atomic O_TRUNC open.  The
+        file is empty by then.  A remapped security.capability goes too.
+        """
+        if not hflags & os.O_TRUNC:
+            return
+        kill = kill_suidgid or ctx.uid != 0
+        if (kill or self._mapped_capability is not None) and stat.S_ISREG(
+                os.fstat(fd).st_mode):
+            if kill:
+                _kill_suidgid_fd(fd)
+            self._drop_mapped_capability(fd)
+
     def create(self, ctx: Context, parent: int, name: bytes, flags: int, mode: int,
-               umask: int) -> tuple[Entry, Opened]:
+               umask: int, kill_suidgid: bool = False) -> tuple[Entry, Opened]:
         """Create (or, without O_EXCL, open) regular file ``name``.
 
         The file is made with O_CREAT|O_EXCL|O_NOFOLLOW under the caller's
-        creds.  If the name exists and the guest did not ask for O_EXCL, it
-        is looked up and opened as OPEN would: a regular file only (a
+        creds, and given ``ctx.secctx`` labels (it is removed again if that
+        fails).  If the name exists and the guest did not ask for O_EXCL,
+        it is looked up and opened as OPEN would: a regular file only (a
         symlink is ELOOP, a directory EISDIR, anything else
         SPECIAL_OPEN_ERRNO), so an existing FIFO or device is never opened.
         Budgets are checked first, so a refusal leaves nothing behind.
@@ -97,16 +128,55 @@ class FileOps(PassthroughBase):
         hflags = self._host_open_flags(flags)
         self._nodes.check_room()
         self._handles.check_room()
-        mode &= MODE_PERM_MASK & ~umask
         fd: int | None = None
-        with caller_creds(ctx):
+        with self._creation_umask(umask) as mask, caller_creds(ctx):
             try:
-                fd = self._open_child(dirnode, name, hflags | os.O_CREAT | os.O_EXCL, mode)
+                fd = self._open_child(dirnode, name, hflags | os.O_CREAT | os.O_EXCL,
+                                      mode & MODE_PERM_MASK & ~mask)
             except OSError as e:
                 if e.errno != errno.EEXIST or flags & os.O_EXCL:
                     raise
         if fd is None:
             fd = self._open_existing(dirnode, name, hflags)
+            try:
+                self._truncated(ctx, fd, hflags, kill_suidgid)
+            except BaseException:
+                os.close(fd)
+                raise
+        elif ctx.secctx:
+            try:
+                self._label(fd, ctx.secctx)
+            except BaseException:
+                os.close(fd)
+                os.unlink(name, dir_fd=dirnode.fd)
+                raise
+        return self._open_entry(fd, hflags)
+
+    def tmpfile(self, ctx: Context, parent: int, flags: int, mode: int,
+                umask: int) -> tuple[Entry, Opened]:
+        """An unnamed regular file in ``parent`` (O_TMPFILE), open for I/O.
+
+        Made under the caller's ids like CREATE; with O_EXCL it can never
+        be linked into the directory.  LINK of its node names it.  A
+        failure after the open just closes it: an unnamed inode vanishes.
+        """
+        dirnode = self._dir(parent)
+        hflags = self._host_open_flags(flags)
+        self._nodes.check_room()
+        self._handles.check_room()
+        extra = os.O_TMPFILE | (flags & os.O_EXCL)
+        with self._creation_umask(umask) as mask, caller_creds(ctx):
+            fd = self._open_child(dirnode, b".", hflags | extra, mode & MODE_PERM_MASK & ~mask)
+        if ctx.secctx:
+            try:
+                self._label(fd, ctx.secctx)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self._open_entry(fd, hflags)
+
+    def _open_entry(self, fd: int, hflags: int) -> tuple[Entry, Opened]:
+        """A node (+1 lookup) and a handle for the open file ``fd``; takes ``fd``."""
         try:
             # No O_NOFOLLOW here: it would pin the /proc magic link itself.
             node_fd = self._reopen_fd(fd, os.O_PATH)
@@ -148,7 +218,7 @@ class FileOps(PassthroughBase):
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
              buffers: list[memoryview]) -> int:
         """preadv into the guest's buffers; short only at end of file."""
-        h = self._file_handle(fh)
+        h = self._file_handle(fh, nodeid)
         return _vectored(os.preadv, h.fd, buffers, check_offset(offset))
 
     def write(self, ctx: Context, nodeid: int, fh: int, offset: int,
@@ -159,35 +229,39 @@ class FileOps(PassthroughBase):
         lands, as the kernel's file_remove_privs does, so no moment exists
         where new contents carry the old privileges.
         """
-        h = self._file_handle(fh)
+        h = self._file_handle(fh, nodeid)
         check_offset(offset)
         if write_flags & FUSE_WRITE_KILL_SUIDGID:
             _kill_suidgid_fd(h.fd)
+        if self._mapped_capability is not None:
+            self._drop_mapped_capability(h.fd)
         return _vectored(os.pwritev, h.fd, buffers, offset)
 
     def release(self, ctx: Context, nodeid: int, fh: int) -> None:
-        self._file_handle(fh)
+        self._file_handle(fh, nodeid)
         self._handles.close(fh)
 
     def flush(self, ctx: Context, nodeid: int, fh: int) -> None:
         """close(dup(fd)): what a close in the guest means to the host file
         (POSIX locks released, NFS-style flush), as virtiofsd does."""
-        h = self._file_handle(fh)
+        h = self._file_handle(fh, nodeid)
         os.close(os.dup(h.fd))
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
-        h = self._file_handle(fh)
+        h = self._file_handle(fh, nodeid)
         (os.fdatasync if datasync else os.fsync)(h.fd)
 
     def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
-        """fallocate(2) with the guest's FALLOC_FL_* mode; the kernel vets it."""
-        h = self._file_handle(fh)
+        """fallocate(2) with the guest's FALLOC_FL_* mode (KEEP_SIZE, PUNCH_HOLE,
+        ZERO_RANGE, ...); the host kernel vets the combination."""
+        h = self._file_handle(fh, nodeid)
         lsys.fallocate(h.fd, mode, check_offset(offset), check_offset(length))
 
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
-        """lseek(2) on the handle; I/O uses explicit offsets, so moving it is harmless."""
-        h = self._file_handle(fh)
+        """lseek(2) on the handle (SEEK_DATA/SEEK_HOLE included); I/O uses
+        explicit offsets, so moving it is harmless."""
+        h = self._file_handle(fh, nodeid)
         if whence not in SEEK_WHENCES:
             raise FsError(errno.EINVAL)
         return os.lseek(h.fd, check_offset(offset), whence)
@@ -196,8 +270,8 @@ class FileOps(PassthroughBase):
                         nodeid_out: int, fh_out: int, off_out: int, length: int,
                         flags: int) -> int:
         """copy_file_range(2) between two handles; flags must be 0 (as the syscall's)."""
-        src = self._file_handle(fh_in)
-        dst = self._file_handle(fh_out)
+        src = self._file_handle(fh_in, nodeid_in)
+        dst = self._file_handle(fh_out, nodeid_out)
         if flags:
             raise FsError(errno.EINVAL)
         count = min(max(length, 0), MAX_RW_COUNT)

@@ -25,7 +25,16 @@ import logging
 import os
 import resource
 
-from shardfs.abi.fuse import FUSE_WRITEBACK_CACHE
+from shardfs.abi.fuse import (
+    FUSE_CREATE_SUPP_GROUP,
+    FUSE_DONT_MASK,
+    FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_POSIX_ACL,
+    FUSE_SECURITY_CTX,
+    FUSE_SETXATTR_EXT,
+    FUSE_WRITEBACK_CACHE,
+)
+from shardfs.fs.passthrough import creds
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.attrs import AttrOps
 from shardfs.fs.passthrough.core import PROC_SELF_FD, RESOLVE_ONE_NAME
@@ -37,6 +46,7 @@ from shardfs.fs.passthrough.nodes import DEFAULT_MAX_NODES, Node
 from shardfs.fs.passthrough.policy import cache_policy
 from shardfs.fs.passthrough.shared import SharedHandleTable, SharedNodeTable, SharedState
 from shardfs.fs.passthrough.xattrs import XattrOps
+from shardfs.fs.xattrmap import XattrMap
 
 log = logging.getLogger("shardfs.fs.passthrough")
 
@@ -120,15 +130,19 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
 
     Contracts (beyond ``shardfs.fs.api``): names never leave their parent
     and host symlinks are never followed; only regular files and
-    directories are ever opened; creating ops run with the caller's
-    fsuid/fsgid; every fd is owned by the node table, the handle table, or
-    the op that opened it (closed before it returns, error or not).
+    directories are ever opened; ops whose outcome depends on the caller
+    run with its fsuid/fsgid (``creds``); every fd is owned by the node
+    table, the handle table, or the op that opened it (closed before it
+    returns, error or not).
     """
 
     def __init__(self, shared_dir: str, *, cache: str = "auto",
                  max_nodes: int | None = None, max_handles: int | None = None,
                  xattr: bool = True, writeback: bool = False,
-                 shared: SharedState | None = None, worker: int = 0) -> None:
+                 shared: SharedState | None = None, worker: int = 0,
+                 posix_acl: bool = False, killpriv_v2: bool = False,
+                 security_label: bool = False, xattrmap: XattrMap | str | None = None,
+                 allow_direct_io: bool = False, guest_dac: bool = True) -> None:
         """Serve ``shared_dir`` (an admin-given path; symlinks in it are followed).
 
         ``cache`` is a ``policy`` name (never, metadata, auto, always).
@@ -142,7 +156,31 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         (:mod:`shardfs.fs.passthrough.shared`); ``worker`` names this
         process in it.  Without one, the instance makes a private state
         sized by the budgets.
+
+        The options named as virtiofsd's, each asked for at INIT only when
+        the guest offers it: ``posix_acl`` (FUSE_POSIX_ACL with DONT_MASK,
+        and SETXATTR_EXT when offered; needs ``xattr``), ``killpriv_v2``
+        (FUSE_HANDLE_KILLPRIV_V2), ``security_label`` (FUSE_SECURITY_CTX).
+        ``xattrmap`` renames xattrs (:mod:`shardfs.fs.xattrmap`; a string is
+        parsed, ValueError if bad).  ``allow_direct_io`` passes a guest's
+        O_DIRECT on to the host open.  ``guest_dac=False`` is for a daemon
+        that may not call capset(2) (``creds.configure``).
         """
+        if posix_acl and not xattr:
+            raise ValueError("posix_acl needs xattr")
+        if isinstance(xattrmap, str):
+            xattrmap = XattrMap.parse(xattrmap)
+        self._xattrmap = xattrmap
+        self._mapped_capability = None
+        if xattrmap is not None:
+            cap = xattrmap.host_name(b"security.capability")
+            if cap != b"security.capability":
+                self._mapped_capability = cap
+        self._posix_acl = posix_acl
+        self._killpriv_v2 = killpriv_v2
+        self._security_label = security_label
+        self._allow_direct_io = allow_direct_io
+        creds.configure(guest_dac=guest_dac)
         self._policy = cache_policy(cache)
         max_nodes, max_handles = fd_budgets(max_nodes, max_handles)
         if shared is None:
@@ -164,14 +202,38 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
     # -- session ------------------------------------------------------------
 
     def init(self, capable: int) -> int:
-        """Ask for FUSE_WRITEBACK_CACHE when configured and offered.
+        """Ask for what the options want and the guest offers.
 
-        The dispatcher enables ``capable & returned``, so writeback is on
-        exactly when both hold, and the open flags follow that.
+        The dispatcher enables ``capable & returned`` (and tells us with
+        :meth:`negotiated`), so each feature is on exactly when both hold.
+        FUSE_CREATE_SUPP_GROUP is always wanted: it only tells us more.
         """
-        on = self._writeback and bool(capable & FUSE_WRITEBACK_CACHE)
-        self._shared.init_flags = FUSE_WRITEBACK_CACHE if on else 0
-        return FUSE_WRITEBACK_CACHE if on else 0
+        wants = FUSE_CREATE_SUPP_GROUP
+        if self._writeback:
+            wants |= FUSE_WRITEBACK_CACHE
+        if self._killpriv_v2:
+            wants |= FUSE_HANDLE_KILLPRIV_V2
+        if self._posix_acl:
+            if capable & (FUSE_POSIX_ACL | FUSE_DONT_MASK) == FUSE_POSIX_ACL | FUSE_DONT_MASK:
+                wants |= FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_SETXATTR_EXT
+            else:
+                log.warning("posix_acl: the guest does not offer FUSE_POSIX_ACL and "
+                            "FUSE_DONT_MASK; ACLs stay off")
+        if self._security_label:
+            wants |= FUSE_SECURITY_CTX
+        for flag, name in ((FUSE_HANDLE_KILLPRIV_V2, "killpriv_v2"),
+                           (FUSE_SECURITY_CTX, "security_label")):
+            if wants & flag and not capable & flag:
+                log.warning("%s: the guest does not offer it; off for this session", name)
+        self._shared.init_flags = wants & capable
+        return wants
+
+    def negotiated(self, flags: int) -> None:
+        """Record the flags in force where every worker sees them."""
+        self._shared.init_flags = flags
+
+    def session_flags(self) -> int:
+        return self._shared.init_flags
 
     def _reopen_handle(self, node: Node, flags: int, is_dir: bool) -> int:
         """An fd for a handle another worker opened (OPEN on one queue, READ on another)."""

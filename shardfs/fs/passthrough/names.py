@@ -2,10 +2,13 @@
 
 Every name passes :func:`check_name` and is resolved as one component under
 its parent's O_PATH fd; nothing here follows a host symlink.  Ops that make
-a new inode (MKNOD, MKDIR, SYMLINK; CREATE lives in ``files``) run under
-the caller's fsuid/fsgid, apply the guest's umask themselves (the daemon
-runs with umask 0), check the node budget *before* touching the host, and
-answer an :class:`Entry` that counts one lookup.
+a new inode (MKNOD, MKDIR, SYMLINK; CREATE and TMPFILE live in ``files``)
+run under the caller's fsuid/fsgid, apply the guest's umask (see
+``core._creation_umask``), label the inode with the guest's security
+context when one came (and remove it again if that fails), check the node
+budget *before* touching the host, and answer an :class:`Entry` that counts
+one lookup.  LINK runs under the caller's ids too, so the host's
+``protected_hardlinks`` rule judges the caller.
 """
 
 from __future__ import annotations
@@ -37,9 +40,21 @@ class NameOps(PassthroughBase):
         node, st = self._lookup_node(dirnode, name)
         return self._entry(node, st)
 
-    def _created(self, dirnode: Node, name: bytes) -> Entry:
-        """The entry for a name just made (outside the caller's creds)."""
+    def _created(self, ctx: Context, dirnode: Node, name: bytes, is_dir: bool = False) -> Entry:
+        """The entry for a name just made (outside the caller's creds), labelled.
+
+        The labels go on through the new inode's O_PATH fd (its magic link),
+        so a FIFO or device is never opened.  If labelling fails, the name
+        is removed again and the error raised.
+        """
         node, st = self._lookup_node(dirnode, name)
+        if ctx.secctx:
+            try:
+                self._label(self._proc_path(node), ctx.secctx)
+            except BaseException:
+                self._nodes.forget(node.nodeid, 1)
+                (os.rmdir if is_dir else os.unlink)(name, dir_fd=dirnode.fd)
+                raise
         return self._entry(node, st)
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
@@ -55,7 +70,7 @@ class NameOps(PassthroughBase):
         self._nodes.check_room()
         with caller_creds(ctx):
             os.symlink(target, name, dir_fd=dirnode.fd)
-        return self._created(dirnode, name)
+        return self._created(ctx, dirnode, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int,
               umask: int) -> Entry:
@@ -68,20 +83,18 @@ class NameOps(PassthroughBase):
         check_name(name)
         if not 0 <= rdev <= DEV_MAX:
             raise FsError(errno.EINVAL)
-        mode &= MKNOD_MODE_MASK & ~(umask & MODE_PERM_MASK)
         self._nodes.check_room()
-        with caller_creds(ctx):
-            os.mknod(name, mode, rdev, dir_fd=dirnode.fd)
-        return self._created(dirnode, name)
+        with self._creation_umask(umask) as mask, caller_creds(ctx):
+            os.mknod(name, mode & MKNOD_MODE_MASK & ~mask, rdev, dir_fd=dirnode.fd)
+        return self._created(ctx, dirnode, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         dirnode = self._dir(parent)
         check_name(name)
-        mode &= MODE_PERM_MASK & ~umask
         self._nodes.check_room()
-        with caller_creds(ctx):
-            os.mkdir(name, mode, dir_fd=dirnode.fd)
-        return self._created(dirnode, name)
+        with self._creation_umask(umask) as mask, caller_creds(ctx):
+            os.mkdir(name, mode & MODE_PERM_MASK & ~mask, dir_fd=dirnode.fd)
+        return self._created(ctx, dirnode, name, is_dir=True)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2); a node the guest still holds keeps its inode alive."""
@@ -121,7 +134,8 @@ class NameOps(PassthroughBase):
         check_name(newname)
         if node.is_dir:
             raise FsError(errno.EPERM)
-        os.link(str(node.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dirnode.fd,
-                follow_symlinks=True)
+        with caller_creds(ctx):
+            os.link(str(node.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dirnode.fd,
+                    follow_symlinks=True)
         st = os.stat(node.fd)
         return self._entry(self._nodes.bump(nodeid), st)

@@ -6,10 +6,13 @@ The names and meanings follow virtiofsd's ``--cache`` option:
 policy    entry timeout    attr timeout    OPEN/CREATE flags   OPENDIR flags
 ========  ===============  ==============  ==================  ======================
 never     0                0               FOPEN_DIRECT_IO     0
-metadata  1 day            1 day           FOPEN_DIRECT_IO     0
+metadata  1 day            1 day           FOPEN_DIRECT_IO     CACHE_DIR|KEEP_CACHE
 auto      1 s              1 s             0                   0
 always    1 day            1 day           FOPEN_KEEP_CACHE    CACHE_DIR|KEEP_CACHE
 ========  ===============  ==============  ==================  ======================
+
+"metadata" caches directory contents like "always" and file data like
+"never", as virtiofsd's does.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ POLICIES: dict[str, CachePolicy] = {
     p.name: p
     for p in (
         CachePolicy("never", 0.0, 0.0, FOPEN_DIRECT_IO, 0),
-        CachePolicy("metadata", LONG_TIMEOUT_S, LONG_TIMEOUT_S, FOPEN_DIRECT_IO, 0),
+        CachePolicy("metadata", LONG_TIMEOUT_S, LONG_TIMEOUT_S, FOPEN_DIRECT_IO,
+                    FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
         CachePolicy("auto", AUTO_TIMEOUT_S, AUTO_TIMEOUT_S, 0, 0),
         CachePolicy("always", LONG_TIMEOUT_S, LONG_TIMEOUT_S, FOPEN_KEEP_CACHE,
                     FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),

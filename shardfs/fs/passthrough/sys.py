@@ -46,6 +46,23 @@ RESOLVE_IN_ROOT = 0x10
 #: ``(uid_t)-1``/``(gid_t)-1``: "leave unchanged" for fchownat, "query" for setfsuid.
 ID_UNCHANGED = 0xFFFF_FFFF
 
+# <linux/capability.h>
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_FOWNER = 3
+CAP_FSETID = 4
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_MKNOD = 27
+#: The capabilities a change of fsuid from 0 drops from the effective set
+#: (``CAP_FS_MASK``: CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID,
+#: LINUX_IMMUTABLE (9), MKNOD, MAC_OVERRIDE (32)).
+CAP_FS_MASK = ((1 << CAP_CHOWN) | (1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)
+               | (1 << CAP_FOWNER) | (1 << CAP_FSETID) | (1 << 9) | (1 << CAP_MKNOD)
+               | (1 << 32))
+
 #: ``struct linux_dirent64`` header: d_ino u64, d_off s64, d_reclen u16, d_type u8.
 _DIRENT64 = struct.Struct("=QqHB")
 
@@ -54,6 +71,23 @@ class Timespec(ctypes.Structure):
     """``struct timespec`` (time_t and long are both 64-bit on Linux LP64)."""
 
     _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_long)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+class Caps(NamedTuple):
+    """A thread's capability sets as 64-bit masks (bit n = capability n)."""
+
+    effective: int
+    permitted: int
+    inheritable: int
 
 
 class OpenHow(ctypes.Structure):
@@ -82,6 +116,8 @@ _setfsuid = _fn("setfsuid", _c_int, ctypes.c_uint32)
 _setfsgid = _fn("setfsgid", _c_int, ctypes.c_uint32)
 _getdents64 = _fn("getdents64", ctypes.c_ssize_t, _c_int, ctypes.c_void_p, ctypes.c_size_t)
 _faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
+_capget = _fn("capget", _c_int, ctypes.c_void_p, ctypes.c_void_p)
+_capset = _fn("capset", _c_int, ctypes.c_void_p, ctypes.c_void_p)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -137,6 +173,35 @@ def setfsuid(uid: int) -> int:
 def setfsgid(gid: int) -> int:
     """setfsgid(2) for the calling thread only; returns the previous fsgid."""
     return int(_setfsgid(gid & ID_UNCHANGED)) & ID_UNCHANGED
+
+
+def capget() -> Caps:
+    """capget(2) of the calling thread (version 3: 64 capability bits)."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_capget(ctypes.byref(hdr), data))
+    return Caps(*(getattr(data[0], f) | getattr(data[1], f) << 32
+                  for f in ("effective", "permitted", "inheritable")))
+
+
+class PreparedCaps:
+    """Capability sets packed once for capset(2), so applying them is one call."""
+
+    __slots__ = ("caps", "_hdr", "_data")
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+        self._hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        self._data = (_CapData * 2)()
+        for i in range(2):
+            self._data[i].effective = (caps.effective >> (32 * i)) & 0xFFFF_FFFF
+            self._data[i].permitted = (caps.permitted >> (32 * i)) & 0xFFFF_FFFF
+            self._data[i].inheritable = (caps.inheritable >> (32 * i)) & 0xFFFF_FFFF
+
+    def apply(self) -> None:
+        """capset(2) for the calling thread; EPERM if a set is not allowed."""
+        self._hdr.version = _LINUX_CAPABILITY_VERSION_3
+        _check(_capset(ctypes.byref(self._hdr), self._data))
 
 
 def faccessat(fd: int, path: bytes, mode: int, flags: int) -> None:

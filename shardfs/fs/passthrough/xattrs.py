@@ -14,6 +14,18 @@ Sizes follow getxattr(2)/listxattr(2): ``size`` 0 asks for the length, a
 buffer too small is ERANGE, values are capped at XATTR_SIZE_MAX (E2BIG
 beyond), names at XATTR_NAME_MAX (ERANGE beyond, or when empty).
 
+Names pass through the ``xattrmap`` (:mod:`shardfs.fs.xattrmap`) when one
+is configured: guest names are rewritten before they reach the host, host
+names are rewritten or hidden in listings.
+
+POSIX ACLs (``system.posix_acl_access``/``_default``) are served only when
+FUSE_POSIX_ACL was negotiated, so that the guest enforces what it sets;
+otherwise they are EOPNOTSUPP and hidden, as in virtiofsd.  Setting or
+removing one runs with the caller's fsuid/fsgid (``creds``): only the owner
+may, and the mode update it implies drops S_ISGID for a caller outside the
+file's group, as the host kernel decides.  FUSE_SETXATTR_ACL_KILL_SGID
+(the guest's verdict, which knows its groups) clears S_ISGID explicitly.
+
 With ``xattr=False`` every op answers ENOSYS, which makes the guest kernel
 stop asking (it remembers the op as unimplemented).
 """
@@ -22,9 +34,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
+from shardfs.abi.fuse import FUSE_SETXATTR_ACL_KILL_SGID
 from shardfs.fs.api import Context, FsError
-from shardfs.fs.passthrough.core import PassthroughBase
+from shardfs.fs.passthrough.core import MODE_PERM_MASK, PassthroughBase
+from shardfs.fs.passthrough.creds import caller_creds
 
 #: Largest value (linux/limits.h XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
@@ -34,6 +49,10 @@ XATTR_LIST_MAX = 65536
 XATTR_NAME_MAX = 255
 #: The setxattr flags a guest may pass.
 XATTR_FLAGS = os.XATTR_CREATE | os.XATTR_REPLACE
+#: The POSIX ACL xattrs (linux/posix_acl_xattr.h).
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+ACL_NAMES = frozenset({ACL_ACCESS, ACL_DEFAULT})
 
 
 def _check_name(name: bytes) -> bytes:
@@ -61,26 +80,64 @@ class XattrOps(PassthroughBase):
             raise FsError(errno.ENOSYS)
         return self._proc_path(self._node(nodeid))
 
+    def _host_xattr_name(self, name: bytes, *, getting: bool = False) -> bytes:
+        """Check a guest xattr name and map it to the host's (see the module doc)."""
+        _check_name(name)
+        if name in ACL_NAMES and not self._acl_on:
+            raise FsError(errno.EOPNOTSUPP)
+        if self._xattrmap is not None:
+            name = _check_name(self._xattrmap.to_host(name, getting=getting))
+        return name
+
+    def _guest_xattr_name(self, name: bytes) -> bytes | None:
+        """A host name as the guest lists it, or None to hide it."""
+        if self._xattrmap is not None:
+            mapped = self._xattrmap.to_guest(name)
+            if mapped is None:
+                return None
+            name = mapped
+        if name in ACL_NAMES and not self._acl_on:
+            return None
+        return name
+
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         path = self._xattr_path(nodeid)
-        value = os.getxattr(path, _check_name(name))
+        value = os.getxattr(path, self._host_xattr_name(name, getting=True))
         return _sized(value, size, XATTR_SIZE_MAX)
 
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         path = self._xattr_path(nodeid)
-        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path))
-        return _sized(names, size, XATTR_LIST_MAX)
+        names = []
+        for n in os.listxattr(path):
+            guest = self._guest_xattr_name(os.fsencode(n))
+            if guest is not None:
+                names.append(guest + b"\0")
+        return _sized(b"".join(names), size, XATTR_LIST_MAX)
 
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes,
-                 flags: int) -> None:
+                 flags: int, setxattr_flags: int = 0) -> None:
+        """setxattr(2); ACLs under the caller's ids, ACL_KILL_SGID honoured."""
         path = self._xattr_path(nodeid)
-        _check_name(name)
+        host_name = self._host_xattr_name(name)
         if flags & ~XATTR_FLAGS:
             raise FsError(errno.EINVAL)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
-        os.setxattr(path, name, value, flags)
+        if name not in ACL_NAMES:
+            os.setxattr(path, host_name, value, flags)
+            return
+        if name == ACL_ACCESS and setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID:
+            mode = os.stat(self._node(nodeid).fd).st_mode
+            if mode & stat.S_ISGID:
+                os.chmod(path, mode & MODE_PERM_MASK & ~stat.S_ISGID)
+        with caller_creds(ctx):
+            os.setxattr(path, host_name, value, flags)
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         path = self._xattr_path(nodeid)
-        os.removexattr(path, _check_name(name))
+        host_name = self._host_xattr_name(name)
+        if name in ACL_NAMES:
+            with caller_creds(ctx):
+                os.removexattr(path, host_name)
+        else:
+            os.removexattr(path, host_name)

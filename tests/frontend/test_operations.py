@@ -1,0 +1,86 @@
+"""Operating shardfs: --fd from a supervisor such as libvirt or systemd, --socket-group,
+--once, and the shipped config files."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from shardfs.testing.frontend import Frontend, FuseClient
+from tests.frontend.conftest import REPO
+
+DEADLINE_S = 30.0
+
+
+def _start(args: list[str], tmp: Path, **kw: object) -> subprocess.Popen[bytes]:
+    (tmp / "shared").mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "shardfs", "--shared-dir",
+                             str(tmp / "shared"), "--log-level", "debug", *args],
+                            cwd=REPO, stderr=open(tmp / "log", "w"), **kw)  # type: ignore[call-overload]
+
+
+def _serve_one(path: str) -> None:
+    with Frontend(path) as fe:
+        fe.start()
+        c = FuseClient(fe)
+        c.init()
+        assert c.getattr(1)
+
+
+def test_fd_handed_over_like_systemd_socket_activation(tmp_path: Path) -> None:
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    fd = listener.fileno()
+    proc = _start(["--fd", str(fd), "--once"], tmp_path, pass_fds=[fd])
+    listener.close()  # only the daemon holds it now
+    try:
+        _serve_one(path)  # the kernel queues the connection even before accept
+        assert proc.wait(DEADLINE_S) == 0  # --once: exits after the frontend leaves
+    finally:
+        proc.kill()
+    assert "frontend disconnected" in (tmp_path / "log").read_text()
+
+
+def test_socket_group(tmp_path: Path) -> None:
+    path = str(tmp_path / "g.sock")
+    proc = _start(["--socket-path", path, "--socket-group", "daemon"], tmp_path)
+    try:
+        start = time.monotonic()
+        while not os.path.exists(path + ".stats"):
+            assert proc.poll() is None and time.monotonic() - start < DEADLINE_S
+            time.sleep(0.01)
+        st = os.stat(path)
+        assert st.st_gid == grp.getgrnam("daemon").gr_gid
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        _serve_one(path)
+    finally:
+        proc.terminate()
+        assert proc.wait(DEADLINE_S) == 0
+
+
+def test_unknown_socket_group_is_a_one_line_error(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "shardfs", "--socket-path",
+                          str(tmp_path / "s"), "--shared-dir", str(tmp_path),
+                          "--socket-group", "no-such-group-here"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "socket_group" in out.stderr
+
+
+def test_shipped_config_files_parse() -> None:
+    desc = json.loads((REPO / "config" / "50-shardfs.json").read_text())
+    assert desc["type"] == "fs" and desc["binary"].endswith("scripts/shardfs")
+    cfg = tomllib.loads((REPO / "config" / "shardfs.toml").read_text())["shardfs"]
+    assert cfg["num_request_queues"] == 1
+    unit = (REPO / "config" / "shardfs.service").read_text()
+    assert "--fd 3" in unit and "KillSignal=SIGTERM" in unit

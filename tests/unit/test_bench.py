@@ -1,0 +1,185 @@
+"""The benchmark machinery: CPU accounting, the load generator, workloads, report, chart.
+
+Nothing here measures speed or depends on timing: the load generator is
+run against the real daemon for a handful of operations and checked for
+correctness only (every request answered, no error, nothing left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shardfs.abi import fuse as F
+from shardfs.testing import bench
+from shardfs.testing.bench_workloads import (
+    READ_IN_OFFSET,
+    WORKLOADS,
+    create_advance,
+    readdirplus_advance,
+)
+from shardfs.testing.loadgen import IN_ARGS_OFFSET, IN_NODEID_OFFSET, LAYOUTS, OUT_HDR, Chain
+
+# -- CPU accounting ---------------------------------------------------------------
+
+
+def test_cpu_seconds_counts_every_thread() -> None:
+    spent = []
+    go_on = threading.Event()
+
+    def burn() -> None:
+        x = 0
+        for i in range(300_000):
+            x += i * i
+        spent.append(time.thread_time())
+        go_on.wait()  # stay alive: a live thread's time must be counted
+
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        while not spent:
+            time.sleep(0.001)
+        assert bench.cpu_seconds(os.getpid()) >= spent[0] + time.thread_time() * 0.99
+    finally:
+        go_on.set()
+        t.join()
+
+
+def test_process_tree_finds_grandchildren() -> None:
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import subprocess, sys; p = subprocess.Popen(['sleep', '60']);"
+                              " print(p.pid, flush=True); sys.stdin.read(); p.kill()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        tree = bench.process_tree(os.getpid())
+        assert child.pid in tree and grandchild in tree
+        assert bench.cpu_seconds(child.pid) >= 0
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+
+
+def test_cpu_seconds_of_a_dead_process_is_zero() -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert bench.cpu_seconds(p.pid) == 0.0
+
+
+# -- request patching -------------------------------------------------------------
+
+def test_create_advance_copies_nodeid_and_fh() -> None:
+    mem = memoryview(bytearray(4096))
+    create, release, forget, unlink = (Chain(0, 0, 1024), Chain(1, 256, -1),
+                                       Chain(2, 512, -1), Chain(3, 768, -1))
+    steps = [[create], [release, forget, unlink]]
+    struct.pack_into("<Q", mem, 1024 + OUT_HDR, 77)  # entry.nodeid
+    struct.pack_into("<Q", mem, 1024 + OUT_HDR + F.fuse_entry_out.size, 5)  # open_out.fh
+    assert create_advance(mem, steps, 0, 0, 160) == (1, False)
+    assert struct.unpack_from("<Q", mem, 256 + IN_NODEID_OFFSET)[0] == 77
+    assert struct.unpack_from("<Q", mem, 256 + IN_ARGS_OFFSET)[0] == 5
+    assert struct.unpack_from("<Q", mem, 512 + IN_NODEID_OFFSET)[0] == 77
+    assert create_advance(mem, steps, 0, 1, 16) == (0, True)
+
+
+def test_readdirplus_advance_resumes_at_the_last_cookie() -> None:
+    mem = memoryview(bytearray(8192))
+    c = Chain(0, 0, 1024)
+    reply = bytearray()
+    for cookie, name in ((11, b"a"), (22, b"bbbbbbbbbb"), (33, b"c")):
+        rec = bytes(F.fuse_entry_out.size) + F.fuse_dirent.pack(1, cookie, len(name), 8) + name
+        reply += rec + bytes(F.fuse_rec_align(len(rec)) - len(rec))
+    mem[1024 + OUT_HDR:1024 + OUT_HDR + len(reply)] = reply
+    assert readdirplus_advance(mem, [[c]], 0, 0, OUT_HDR + len(reply)) == (0, False)
+    assert struct.unpack_from("<Q", mem, READ_IN_OFFSET)[0] == 33
+    # The end of the directory: one listing done, the next starts at 0.
+    assert readdirplus_advance(mem, [[c]], 0, 0, OUT_HDR) == (0, True)
+    assert struct.unpack_from("<Q", mem, READ_IN_OFFSET)[0] == 0
+
+
+# -- the load generator against the real daemon --------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_workload_runs_clean_on_two_queues(tmp_path: Path, layout: str) -> None:
+    d = bench.ShardfsDaemon(tmp_path, "shardfs", 2, bench.shardfs_cmd(2, 50, False, ""))
+    try:
+        for w in WORKLOADS.values():
+            if layout != "compact" and w.name in ("readdirplus", "read4k_qd1"):
+                continue  # nothing a layout changes that the others do not cover
+            p = bench.Prepared(d, w, 4, 4096, layout, dir_entries=300)
+            try:
+                s = p.run(1 if w.name == "readdirplus" else 8)  # raises on any error
+            finally:
+                p.release()
+            assert s.rate > 0 and s.cpu_us >= 0
+        # CREATE pairs leave nothing behind: every file unlinked, every handle released.
+        assert not [f for f in os.listdir(d.shared) if f.startswith("create-")]
+        # The frontend's rings are still in step with the daemon's.
+        assert bench.FuseClient(d.fe, 2).getattr(1)[0] >= 0
+    finally:
+        d.stop()
+    assert "Traceback" not in d.log_path.read_text()
+
+
+# -- report and chart ----------------------------------------------------------------
+
+def _series() -> tuple[list[bench.Series], dict[tuple[str, int], list[float]]]:
+    out = []
+    for backend, q, rate in (("shardfs", 1, 50.0), ("virtiofsd", 1, 100.0),
+                             ("shardfs", 2, 120.0), ("virtiofsd", 1, 80.0)):
+        s = bench.Series("getattr", "ops/s", backend, q)
+        s.samples = [bench.Sample(rate, 2.0, 0.5, 1.0), bench.Sample(rate * 1.1, 2.0, 0.95, 1.0)]
+        out.append(s)
+    return out, {("getattr", 1): [0.5, 0.5], ("getattr", 2): [1.5, 1.5]}
+
+
+def test_report_pairs_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    series, ratios = _series()
+    meta = {"cpus": 2, "cpu_model": "x", "load_before": "0", "shardfs_rev": "r",
+            "virtiofsd": "virtiofsd 1.13.2", "poll_us": 50, "depth": 32}
+    report = bench.build_report(series, ratios, meta, ["getattr"])
+    rows = report["rows"]
+    assert [(r["backend"], r["queues"]) for r in rows] == [("virtiofsd", 1), ("shardfs", 1),
+                                                          ("shardfs", 2)]
+    assert len(rows[0]["runs"]) == 4  # virtiofsd's runs from both configurations
+    assert {(r["queues"], r["median"]) for r in report["ratios"]} == {(1, 0.5), (2, 1.5)}
+    bench.print_table(report)
+    out = capsys.readouterr().out
+    assert "virtiofsd 1q" in out and "1.50 (1.50-1.50)" in out
+
+
+def test_chart_renders_headless(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib (the bench extra)")
+    from shardfs.testing.bench_chart import render
+
+    series, ratios = _series()
+    meta = {"cpus": 2, "cpu_model": "x", "load_before": "0", "shardfs_rev": "r",
+            "virtiofsd": None, "poll_us": 50, "depth": 32}
+    for r in (ratios, {}):  # with and without the peer
+        report = bench.build_report([s for s in series if r or s.backend == "shardfs"], r,
+                                    meta, ["getattr"])
+        render(report, tmp_path / "chart.png")
+        assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_peer_is_none() -> None:
+    assert bench.find_virtiofsd(str(Path("/nonexistent/virtiofsd"))) is None
+
+
+def test_hotpath_harness_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardfs.testing import bench_hotpath
+
+    for layout in LAYOUTS:
+        assert bench_hotpath.main(["--requests", "64", "--runs", "1", "--batch", "4",
+                                   "--layout", layout]) == 0
+    out = capsys.readouterr().out
+    assert out.count("us/request") == 2 * 5
