@@ -185,6 +185,24 @@ class SplitQueue:
         used_event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
         return vring_need_event(used_event, new, old)
 
+    def call_now(self) -> bool:
+        """Under EVENT_IDX: whether the driver already asks for a call for the chains
+        pushed since the last signal (so it can refill the ring while we serve on).
+
+        Read without a barrier: True is safe to act on (one call too many is
+        harmless), False is not final, and :meth:`needs_notification`
+        decides at the end of the batch.  True counts as the signal.
+        """
+        old = self._signalled_used
+        if old is None or not self.event_idx:
+            return False
+        new = self.used_idx
+        event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
+        if ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF):  # vring_need_event
+            self._signalled_used = new
+            return True
+        return False
+
     def disable_notification(self) -> None:
         """Ask the driver not to kick while we drain (without EVENT_IDX)."""
         if not self.event_idx:

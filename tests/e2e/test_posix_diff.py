@@ -41,7 +41,7 @@ HAS_POSIX_ACL = "posix_acl" in FIELDS
 
 
 @dataclass(frozen=True)
-class Exception_:
+class Difference:
     """A documented difference: lines whose label starts with ``prefix`` may differ."""
 
     prefix: str
@@ -51,12 +51,12 @@ class Exception_:
 
 
 #: Differences that are not bugs, each with its reason (mirrored in README.md).
-EXCEPTIONS: tuple[Exception_, ...] = (
-    Exception_("[xattr] trusted.* as root",
+EXCEPTIONS: tuple[Difference, ...] = (
+    Difference("[xattr] trusted.* as root",
                "trusted.* xattrs need CAP_SYS_ADMIN on the host, which the sandbox drops "
                "(as virtiofsd does); the guest's root gets EPERM"),
 ) + (() if HAS_POSIX_ACL else (
-    Exception_("[acl]",
+    Difference("[acl]",
                "POSIX ACLs need the posix_acl option (FUSE_POSIX_ACL), not in this daemon "
                "yet: the guest stores ACLs as plain xattrs but checks permissions, masks "
                "and default-ACL inheritance on mode bits alone", pending=True),
@@ -68,7 +68,7 @@ def label(line: str) -> str:
     return line.split(": ", 1)[0]
 
 
-def exception_for(line: str) -> Exception_ | None:
+def exception_for(line: str) -> Difference | None:
     return next((e for e in EXCEPTIONS if label(line).startswith(e.prefix)), None)
 
 
@@ -149,7 +149,7 @@ def test_guest_on_shardfs_behaves_like_the_host(runs: Runs) -> None:
 
 @pytest.mark.parametrize("exc", [e for e in EXCEPTIONS if not e.pending],
                          ids=lambda e: e.prefix)
-def test_each_documented_exception_still_differs(runs: Runs, exc: Exception_) -> None:
+def test_each_documented_exception_still_differs(runs: Runs, exc: Difference) -> None:
     """An exception that no longer shows must leave EXCEPTIONS and the README."""
     lines = [(h, g) for h, g in zip(runs.host, runs.guest, strict=True)
              if label(h).startswith(exc.prefix)]
