@@ -19,7 +19,8 @@ from typing import Any
 from shardfs.config import CACHE_POLICIES, FIELDS, LOG_LEVELS, Config, ConfigError, coerce, load
 
 CAPABILITIES = {"type": "fs", "features": []}
-SYSLOG_SOCKET = "/dev/log"
+#: The syslog socket; the environment override exists for tests.
+SYSLOG_SOCKET = os.environ.get("SHARDFS_SYSLOG_SOCKET", "/dev/log")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,14 +114,32 @@ class Child:
 
 
 def _close_fds_except(keep: int) -> None:
-    """In a fresh child: close every inherited fd but stdio and ``keep``.
+    """In a fresh child: close every inherited fd but stdio, ``keep`` and logging's.
 
     The supervisor holds the listener, the frontend connection and dups of
     memory, kick and call fds; a worker must get those only through its
     control socket, so that what it holds is exactly what it was given.
+    A syslog handler's socket stays: it is connected already, so it keeps
+    working inside the sandbox, where /dev/log cannot be reached.
     """
-    os.closerange(3, keep)
-    os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    keep_fds = sorted({keep} | _logging_fds())
+    start = 3
+    for fd in keep_fds:
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _logging_fds() -> set[int]:
+    fds = set()
+    for handler in logging.getLogger().handlers:
+        sock = getattr(handler, "socket", None)
+        if sock is not None:
+            try:
+                fds.add(sock.fileno())
+            except OSError:
+                pass
+    return fds
 
 
 @dataclass

@@ -84,3 +84,35 @@ def test_shipped_config_files_parse() -> None:
     assert cfg["num_request_queues"] == 1
     unit = (REPO / "config" / "shardfs.service").read_text()
     assert "--fd 3" in unit and "KillSignal=SIGTERM" in unit
+
+
+def test_syslog_target_carries_worker_lines(tmp_path: Path) -> None:
+    """Workers log through the supervisor's connected syslog socket, sandbox and all."""
+    logsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    logsock.bind(str(tmp_path / "log.sock"))
+    logsock.settimeout(DEADLINE_S)
+    path = str(tmp_path / "s.sock")
+    env = dict(os.environ, SHARDFS_SYSLOG_SOCKET=str(tmp_path / "log.sock"))
+    proc = _start(["--socket-path", path, "--log-target", "syslog"], tmp_path, env=env)
+    try:
+        seen = []
+        while not any(b"worker 0 ready" in m for m in seen):
+            seen.append(logsock.recv(65536))
+        with Frontend(path) as fe:
+            fe.start()
+            c = FuseClient(fe)
+            c.init()
+            q = fe.queues[1]
+            gpa = fe.ram.alloc(20)
+            fe.ram.write(gpa, b"\x01" * 20)
+            q.add([(gpa, 20)], [(fe.ram.alloc(64), 64)])
+            fe.kick_queue(1)
+            fe.wait_used(1)
+        while not any(b"too short for fuse_in_header" in m for m in seen):
+            seen.append(logsock.recv(65536))
+        line = next(m for m in seen if b"too short" in m)
+        assert line.startswith(b"<") and b"shardfs[" in line  # priority, then the tag
+    finally:
+        proc.terminate()
+        assert proc.wait(DEADLINE_S) == 0
+        logsock.close()
