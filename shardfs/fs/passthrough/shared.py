@@ -319,6 +319,28 @@ class NodeRecord(NamedTuple):
     handle: bytes
 
 
+def replay_log(s: SharedState, seen: int, kind_freed: int, kind_clear: int,
+               evict: Callable[[int, int], None], sweep: Callable[[], None]) -> int:
+    """Apply the log entries of one table's kinds written since ``seen``; return the new seen.
+
+    A reader more than :data:`LOG_ENTRIES` behind has lost entries, so it
+    re-checks its whole cache instead.
+    """
+    seq = s.log_seq()
+    if seq == seen:
+        return seq
+    if seq - seen > LOG_ENTRIES:
+        sweep()
+        return seq
+    for n in range(seen, seq):
+        kind, slot, gen = s.read_log(n)
+        if kind == kind_freed:
+            evict(slot, gen)
+        elif kind == kind_clear:
+            sweep()
+    return seq
+
+
 def split_id(ident: int) -> tuple[int, int]:
     """(slot, gen) of a nodeid or fh."""
     return ident & _SLOT_MASK, ident >> _GEN_SHIFT
@@ -363,20 +385,8 @@ class SharedNodeTable:
 
     def sync(self) -> None:
         """Close cached fds of slots freed anywhere since the last sync."""
-        s = self.s
-        seq = s.log_seq()
-        if seq == self._seen:
-            return
-        if seq - self._seen > LOG_ENTRIES:
-            self._sweep()
-        else:
-            for n in range(self._seen, seq):
-                kind, slot, gen = s.read_log(n)
-                if kind == LOG_NODE:
-                    self._evict(slot, gen)
-                elif kind == LOG_CLEAR_NODES:
-                    self._sweep()
-        self._seen = seq
+        self._seen = replay_log(self.s, self._seen, LOG_NODE, LOG_CLEAR_NODES, self._evict,
+                                self._sweep)
 
     def _evict(self, slot: int, gen: int) -> None:
         cached = self._cache.get(slot)
@@ -594,23 +604,15 @@ class SharedHandleTable:
         self._seen = state.log_seq()
 
     def sync(self) -> None:
-        s = self.s
-        seq = s.log_seq()
-        if seq == self._seen:
-            return
-        if seq - self._seen > LOG_ENTRIES:
-            self._sweep()
-        else:
-            for n in range(self._seen, seq):
-                kind, slot, gen = s.read_log(n)
-                if kind == LOG_HANDLE:
-                    cached = self._cache.get(slot)
-                    if cached is not None and cached[0] == gen:
-                        del self._cache[slot]
-                        os.close(cached[1].fd)
-                elif kind == LOG_CLEAR_HANDLES:
-                    self._sweep()
-        self._seen = seq
+        """Close cached fds of handles released anywhere since the last sync."""
+        self._seen = replay_log(self.s, self._seen, LOG_HANDLE, LOG_CLEAR_HANDLES, self._evict,
+                                self._sweep)
+
+    def _evict(self, slot: int, gen: int) -> None:
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            del self._cache[slot]
+            os.close(cached[1].fd)
 
     def _sweep(self) -> None:
         for slot, (gen, h) in list(self._cache.items()):
