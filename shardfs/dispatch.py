@@ -134,19 +134,53 @@ def pack_attr(st: os.stat_result, timeout_s: float) -> bytes:
     return F.fuse_attr_out.pack(av, ans, 0, *attr_fields(st))
 
 
-def _reply_entry(w: ChainWriter, e: Entry) -> int:
-    """:func:`pack_entry` packed straight into the reply (no bytes in between)."""
+# The two packers below spell attr_fields() out in the call: building a tuple
+# and spreading it with * costs more than the stat itself.
+def _pack_attr_out(view: memoryview, pos: int, valid: int, valid_ns: int,
+                   st: os.stat_result) -> None:
+    """``fuse_attr_out.pack_into(view, pos, valid, valid_ns, 0, *attr_fields(st))``."""
+    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
+    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
+    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
+    nlink, rdev = st.st_nlink, st.st_rdev
+    _ATTR_OUT.pack_into(view, pos, valid, valid_ns, 0, st.st_ino & _U64, st.st_size & _U64,
+                        st.st_blocks & _U64, a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns,
+                        c_ns, st.st_mode, nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
+                        encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
+
+
+def _pack_entry_out(view: memoryview, pos: int, e: Entry) -> None:
+    """``fuse_entry_out.pack_into(view, pos, ...)`` of :func:`pack_entry`."""
     ev, ens = _split_timeout(e.entry_timeout_s)
     av, ans = _split_timeout(e.attr_timeout_s)
-    w.pack_at(_ENTRY_OUT, OUT_HDR, e.nodeid, e.generation, ev, av, ens, ans,
-              *attr_fields(e.attr))
+    st = e.attr
+    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
+    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
+    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
+    nlink, rdev = st.st_nlink, st.st_rdev
+    _ENTRY_OUT.pack_into(view, pos, e.nodeid, e.generation, ev, av, ens, ans, st.st_ino & _U64,
+                         st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
+                         c_s & _U64, a_ns, m_ns, c_ns, st.st_mode,
+                         nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
+                         encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
+
+
+def _reply_entry(w: ChainWriter, e: Entry) -> int:
+    """:func:`pack_entry` packed straight into the reply (no bytes in between)."""
+    spot = w.span(OUT_HDR, _ENTRY_OUT.size)
+    if spot is None:
+        return Dispatcher._reply(w, pack_entry(e))
+    _pack_entry_out(spot[0], spot[1], e)
     return _ENTRY_OUT.size
 
 
 def _reply_attr(w: ChainWriter, st: os.stat_result, timeout_s: float) -> int:
     """:func:`pack_attr` packed straight into the reply."""
+    spot = w.span(OUT_HDR, _ATTR_OUT.size)
+    if spot is None:
+        return Dispatcher._reply(w, pack_attr(st, timeout_s))
     av, ans = _split_timeout(timeout_s)
-    w.pack_at(_ATTR_OUT, OUT_HDR, av, ans, 0, *attr_fields(st))
+    _pack_attr_out(spot[0], spot[1], av, ans, st)
     return _ATTR_OUT.size
 
 
@@ -266,7 +300,11 @@ class Dispatcher:
         if w.capacity < total:
             stats.dropped += 1
             return 0
-        w.pack_at(_OUT_HEADER, 0, total, 0, unique)
+        spot = w.span(0, OUT_HDR)
+        if spot is None:
+            w.write_at(0, _pack_out(total, 0, unique))
+        else:
+            _OUT_HEADER.pack_into(spot[0], spot[1], total, 0, unique)
         return total
 
     def _context(self, key: tuple[int, int, int]) -> Context:

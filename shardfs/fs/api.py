@@ -150,8 +150,9 @@ class FileSystem:
         """Drop every node and handle except the root (FUSE_DESTROY, reboot)."""
 
     def idle(self) -> None:
-        """Called between batches of requests: a chance to release resources
-        that another process freed (shared state).  Never raises."""
+        """Called before each request and after each batch: a chance to release
+        resources that another process freed (shared state).  Must be cheap
+        when there is nothing to do.  Never raises."""
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         raise FsError(errno.ENOSYS)

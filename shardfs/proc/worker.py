@@ -201,6 +201,7 @@ class Worker:
         st = self.dispatcher.stats
         before = (st.errors, st.malformed, st.bytes_read, st.bytes_written)
         pop, push = q.pop, q.push
+        idle = self.dispatcher.fs.idle
         pushed = busy_ns = 0
         # A driver waiting for a completion is called as soon as one is ready,
         # not when the whole batch is: it refills the ring meanwhile.
@@ -224,6 +225,7 @@ class Worker:
                         values[MALFORMED] += 1
                     else:
                         t0 = clock()
+                        idle()
                         push(chain.head, handle(chain))
                         dt = clock() - t0
                         if call_now is not None and call_now():

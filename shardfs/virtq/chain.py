@@ -45,9 +45,10 @@ _DESC_SIZE = virtq_desc.size
 _unpack_desc = virtq_desc.unpack_from
 _iter_desc = virtq_desc.iter_unpack
 
-#: Indirect tables up to this many entries are unpacked at once (a 1 MiB
-#: request of 4 KiB pages needs 260); longer ones are read entry by entry.
-MAX_UNPACKED_TABLE = 1024
+#: Indirect tables of this many entries are unpacked at once and walked by
+#: _walk_unpacked (a 1 MiB request of 4 KiB pages needs 260); shorter ones cost
+#: less entry by entry (measured), longer ones would cost memory.
+MIN_UNPACKED_TABLE, MAX_UNPACKED_TABLE = 16, 1024
 
 
 class ChainError(Exception):
@@ -80,17 +81,13 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
     views = mem.views
     hit = mem.last_region
     hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
-    descs: list[tuple[int, int, int, int]] | None = None
     while True:
         if ttl == 0:
             raise ChainError("descriptor chain is longer than the table (a loop)")
         ttl -= 1
         if idx >= num:
             raise ChainError(f"descriptor index {idx} out of range {num}")
-        if descs is None:
-            addr, length, flags, nxt = _unpack_desc(table, idx * _DESC_SIZE)
-        else:
-            addr, length, flags, nxt = descs[idx]
+        addr, length, flags, nxt = _unpack_desc(table, idx * _DESC_SIZE)
         if flags & VIRTQ_DESC_F_INDIRECT:
             if in_indirect:
                 raise ChainError("indirect table inside an indirect table")
@@ -112,11 +109,12 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
             ttl = min(num, MAX_INDIRECT_WALK)
             in_indirect = True
             idx = 0
-            if ttl <= MAX_UNPACKED_TABLE:
-                # Unpack the whole (reachable) table in one C loop: a guest's
-                # 1 MiB request has a descriptor per page.
-                descs = list(_iter_desc(table[:ttl * _DESC_SIZE]))
-                num = ttl
+            if MIN_UNPACKED_TABLE <= num <= MAX_UNPACKED_TABLE:
+                # Unpack the whole table in one C loop and walk it in a tight
+                # one: a guest's 1 MiB request has a descriptor per page.
+                rlen, wlen = _walk_unpacked(mem, list(_iter_desc(table)), readable, writable,
+                                            rlen, wlen)
+                break
             continue
         if length:
             start = addr - hit_gpa
@@ -154,6 +152,54 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
     if rlen + wlen > MAX_CHAIN_BYTES:
         raise ChainError("chain length overflows u32")
     return DescriptorChain(head, readable, writable, rlen, wlen)
+
+
+def _walk_unpacked(mem: GuestMemory, descs: list[tuple[int, int, int, int]],
+                   readable: list[memoryview], writable: list[memoryview], rlen: int,
+                   wlen: int) -> tuple[int, int]:
+    """The walk of :func:`walk_chain` inside an indirect table already unpacked
+    (at most MAX_UNPACKED_TABLE entries): the same rules, in a tighter loop."""
+    num = len(descs)
+    hit = mem.last_region
+    hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+    idx = 0
+    for _ in range(num):  # the ttl: a longer walk is a loop
+        if idx >= num:
+            raise ChainError(f"descriptor index {idx} out of range {num}")
+        addr, length, flags, nxt = descs[idx]
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            raise ChainError("indirect table inside an indirect table")
+        if length:
+            start = addr - hit_gpa
+            if 0 <= start and start + length <= hit_size:
+                part = hit_view[start:start + length]
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(part)
+                    wlen += length
+                elif writable:
+                    raise ChainError("device-readable descriptor after a writable one")
+                else:
+                    readable.append(part)
+                    rlen += length
+            else:
+                try:
+                    parts = mem.views(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from e
+                hit = mem.last_region
+                hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable += parts
+                    wlen += length
+                elif writable:
+                    raise ChainError("device-readable descriptor after a writable one")
+                else:
+                    readable += parts
+                    rlen += length
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return rlen, wlen
+        idx = nxt
+    raise ChainError("descriptor chain is longer than the table (a loop)")
 
 
 class ShortRead(Exception):
@@ -296,6 +342,24 @@ class ChainWriter:
                 pos += len(v)
         if end > self.written:
             self.written = end
+
+    def span(self, offset: int, n: int) -> tuple[memoryview, int] | None:
+        """``(view, position)`` where ``[offset, offset + n)`` lies in one view (the
+        first or the second), for packing in place; None if it is split or does
+        not fit.  A span handed out counts as written."""
+        bufs = self._bufs
+        end = offset + n
+        if bufs:
+            first = len(bufs[0])
+            if end <= first:
+                if end > self.written:
+                    self.written = end
+                return bufs[0], offset
+            if len(bufs) > 1 and offset >= first and end - first <= len(bufs[1]):
+                if end > self.written:
+                    self.written = end
+                return bufs[1], offset - first
+        return None
 
     def pack_at(self, st: struct.Struct, offset: int, *values: Any) -> None:
         """``write_at(offset, st.pack(*values))``, packed in place when one view holds it."""

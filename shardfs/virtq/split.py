@@ -15,14 +15,20 @@ Notification rules:
   ``avail_event`` and re-reading ``avail.idx``.  Python has none, and x86 may
   reorder exactly that pair, so :func:`full_barrier` executes a locked
   instruction (``lock cmpxchg`` inside glibc's pthread_spin_trylock).
-* Ring indices are read and written as single 16-bit accesses
-  (``struct`` with format ``<H`` on an aligned view compiles to one load).
+* Ring indices are read and written as single 16-bit accesses.  Reading
+  with ``struct`` (``<H`` is the native memcpy on little-endian hosts) is one
+  load.  Writing must not use ``struct.pack_into``: it zero-fills the
+  target before storing, so a driver polling ``used.idx`` could read 0 and
+  take the whole ring for completed (seen here as a device reading
+  ``avail.idx`` 0 from a polling driver).  Stores go through a ``H``-cast
+  view of the used ring instead: one 16-bit store each.
 """
 
 from __future__ import annotations
 
 import ctypes
 import struct
+import sys
 
 from shardfs.abi.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -42,11 +48,15 @@ from shardfs.abi.virtio import (
 from shardfs.virtq.chain import DescriptorChain, walk_chain
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 
+if sys.byteorder != "little":  # the "H" views below are native; virtio 1.x rings are LE
+    raise ImportError("shardfs.virtq.split assumes a little-endian host")
+
 _u16 = struct.Struct("<H")
 _unpack_u16 = _u16.unpack_from
-_pack_u16 = _u16.pack_into
 _pack_used = virtq_used_elem.pack_into
 _USED_ELEM_SIZE = virtq_used_elem.size
+#: Positions of used.flags and used.idx in the used ring seen as u16s.
+_USED_FLAGS16, _USED_IDX16 = VIRTQ_USED_FLAGS // _u16.size, VIRTQ_USED_IDX // _u16.size
 
 _libc = ctypes.CDLL(None)
 _spin = ctypes.c_int(0)
@@ -78,6 +88,8 @@ class SplitQueue:
         self.indirect = False
         self.ready = False
         self._desc = self._avail = self._used = memoryview(b"")
+        #: The used ring as u16s, for single-store index writes (see module doc).
+        self._used16 = memoryview(b"").cast("H")
         self._signalled_used: int | None = None
         #: Chains dropped as malformed; each is still returned with length 0.
         self.malformed = 0
@@ -106,6 +118,7 @@ class SplitQueue:
             self._desc = mem.view(self.desc_gpa, virtq_desc.size * self.num)
             self._avail = mem.view(self.avail_gpa, avail_ring_size(self.num))
             self._used = mem.view(self.used_gpa, used_ring_size(self.num))
+            self._used16 = self._used.cast("H")
         except GuestMemoryError as e:
             self.ready = False
             raise QueueError(f"queue {self.index}: {e}") from e
@@ -114,6 +127,7 @@ class SplitQueue:
         """Stop the ring; return the next avail index to process (GET_VRING_BASE)."""
         self.ready = False
         self._desc = self._avail = self._used = memoryview(b"")
+        self._used16 = memoryview(b"").cast("H")
         return self.last_avail_idx
 
     def avail_idx(self) -> int:
@@ -165,11 +179,14 @@ class SplitQueue:
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (the used element first, then used.idx)."""
-        used, idx = self._used, self.used_idx
-        _pack_used(used, VIRTQ_USED_RING + _USED_ELEM_SIZE * (idx & (self.num - 1)), head, length)
+        idx = self.used_idx
+        # The element may be written any way (the driver reads it only once
+        # used.idx covers it); the index with one 16-bit store.
+        _pack_used(self._used, VIRTQ_USED_RING + _USED_ELEM_SIZE * (idx & (self.num - 1)),
+                   head, length)
         idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
-        _pack_u16(used, VIRTQ_USED_IDX, idx)
+        self._used16[_USED_IDX16] = idx
 
     def needs_notification(self) -> bool:
         """Whether to signal the call fd for the chains pushed since the last signal."""
@@ -186,15 +203,19 @@ class SplitQueue:
         return vring_need_event(used_event, new, old)
 
     def call_now(self) -> bool:
-        """Under EVENT_IDX: whether the driver already asks for a call for the chains
-        pushed since the last signal (so it can refill the ring while we serve on).
+        """Under EVENT_IDX, while more chains wait: whether the driver already asks
+        for a call for the chains pushed since the last signal (so that it refills
+        the ring while we serve on).
 
         Read without a barrier: True is safe to act on (one call too many is
         harmless), False is not final, and :meth:`needs_notification`
-        decides at the end of the batch.  True counts as the signal.
+        decides at the end of the batch.  True counts as the signal.  With
+        nothing more waiting the batch is about to end, and the call waits
+        for it (the worker tidies up before answering).
         """
         old = self._signalled_used
-        if old is None or not self.event_idx:
+        if (old is None or not self.event_idx
+                or _unpack_u16(self._avail, VIRTQ_AVAIL_IDX)[0] == self.last_avail_idx):
             return False
         new = self.used_idx
         event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
@@ -206,7 +227,7 @@ class SplitQueue:
     def disable_notification(self) -> None:
         """Ask the driver not to kick while we drain (without EVENT_IDX)."""
         if not self.event_idx:
-            _pack_u16(self._used, VIRTQ_USED_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[_USED_FLAGS16] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Ask for the next kick; return True if chains arrived meanwhile.
@@ -215,9 +236,9 @@ class SplitQueue:
         between the last pop and the request for a kick is never stranded.
         """
         if self.event_idx:
-            _pack_u16(self._used, VIRTQ_USED_RING + virtq_used_elem.size * self.num,
-                      self.last_avail_idx)
+            self._used16[(VIRTQ_USED_RING + _USED_ELEM_SIZE * self.num) // _u16.size] = \
+                self.last_avail_idx  # avail_event
         else:
-            _pack_u16(self._used, VIRTQ_USED_FLAGS, 0)
+            self._used16[_USED_FLAGS16] = 0
         full_barrier()
         return self.pending() != 0

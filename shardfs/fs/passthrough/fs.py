@@ -196,6 +196,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
             os.close(self._proc_fd)
             raise
         self._handles = SharedHandleTable(shared, self._nodes, self._reopen_handle)
+        self._idle_seen = -1
         self._has_openat2 = _probe_openat2(root_fd)
         os.umask(0)
 
@@ -248,9 +249,17 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         self._shared.init_flags = 0
 
     def idle(self) -> None:
-        """Close the fds this worker cached for nodes and handles freed elsewhere."""
-        self._nodes.sync()
-        self._handles.sync()
+        """Close the fds this worker cached for nodes and handles freed elsewhere.
+
+        Cheap when nothing was freed (one read of the shared log's sequence),
+        so the worker calls it before every request: a request answered on any
+        queue has seen every FORGET and RELEASE completed before it was sent.
+        """
+        seq = self._nodes.s.log_seq()
+        if seq != self._idle_seen:
+            self._nodes.sync()
+            self._handles.sync()
+            self._idle_seen = seq
 
     def close(self) -> None:
         """Release every fd, the root's and /proc's included; the end of the instance."""
