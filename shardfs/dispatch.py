@@ -338,6 +338,9 @@ class Dispatcher:
 
     def _reply_error(self, w: ChainWriter, unique: int, err: int, opcode: int) -> int:
         self.stats.errors += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("opcode %d unique %d: errno %d (%s)", opcode, unique, err,
+                      errno.errorcode.get(err, "?"))
         if w.capacity < OUT_HDR:
             self.stats.dropped += 1
             log.warning("opcode %d: no room for a reply header; dropped", opcode)

@@ -20,7 +20,9 @@ names are rewritten or hidden in listings.
 
 POSIX ACLs (``system.posix_acl_access``/``_default``) are served only when
 FUSE_POSIX_ACL was negotiated, so that the guest enforces what it sets;
-otherwise they are EOPNOTSUPP and hidden, as in virtiofsd.  Setting or
+otherwise they are hidden from listings, reading one answers ENODATA (no
+ACL, what the guest kernel answers from its own ACL cache) and setting or
+removing one answers EOPNOTSUPP.  Setting or
 removing one runs with the caller's fsuid/fsgid (``creds``): only the owner
 may, and the mode update it implies drops S_ISGID for a caller outside the
 file's group, as the host kernel decides.  FUSE_SETXATTR_ACL_KILL_SGID
@@ -102,6 +104,12 @@ class XattrOps(PassthroughBase):
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         path = self._xattr_path(nodeid)
+        if name in ACL_NAMES and not self._acl_on:
+            # "No ACL": what the guest kernel itself answers from its ACL
+            # cache.  EOPNOTSUPP here made the answer depend on whether the
+            # cache was warm, and coreutils' cp -a fails on that mix.
+            _check_name(name)
+            raise FsError(errno.ENODATA)
         value = os.getxattr(path, self._host_xattr_name(name, getting=True))
         return _sized(value, size, XATTR_SIZE_MAX)
 
