@@ -133,3 +133,31 @@ def test_robust_mutex_recovers_from_a_holder_killed(tmp_path: Path) -> None:
     assert s.lock.recovered == 1
     os.close(r)
     os.close(w)
+
+
+def test_a_node_freed_elsewhere_keeps_its_fd_until_the_request_ends(tmp_path: Path) -> None:
+    """Worker b holds node f for a request when worker a frees it (a hostile
+    guest's FORGET on hiprio).  b's next get() in the same request evicts f,
+    but f's fd stays open (and its number unused) until b reaps between
+    requests; otherwise the next fd b opens could take f's number and the
+    request would act on the wrong file."""
+    s = SharedState(64, 16)
+    a = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    b = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=1)
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "g").write_text("y")
+    f = a.insert(*_open(tmp_path / "f"))
+    g = a.insert(*_open(tmp_path / "g"))
+    held = b.get(f.nodeid)  # b opens f by file handle: its own fd
+    a.forget(f.nodeid, 1)
+    other = b.get(g.nodeid)  # syncs: f is evicted from b's cache...
+    assert split_id(f.nodeid)[0] not in b._cache
+    assert other.fd != held.fd
+    assert os.path.samestat(os.fstat(held.fd), os.stat(tmp_path / "f"))  # ...but still open
+    assert b.graveyard == [held.fd]
+    b.reap()
+    assert b.graveyard == []
+    with pytest.raises(OSError):
+        os.fstat(held.fd)
+    a.close()
+    b.close()

@@ -57,6 +57,7 @@ class DirOps(PassthroughBase):
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         self._dir_handle(fh, nodeid)
         self._handles.close(fh)
+        self._nodes.reap()  # the end of the request: see SharedNodeTable.graveyard
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         h = self._dir_handle(fh, nodeid)

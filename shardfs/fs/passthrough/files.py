@@ -240,6 +240,7 @@ class FileOps(PassthroughBase):
     def release(self, ctx: Context, nodeid: int, fh: int) -> None:
         self._file_handle(fh, nodeid)
         self._handles.close(fh)
+        self._nodes.reap()  # the end of the request: see SharedNodeTable.graveyard
 
     def flush(self, ctx: Context, nodeid: int, fh: int) -> None:
         """close(dup(fd)): what a close in the guest means to the host file

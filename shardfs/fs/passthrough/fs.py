@@ -246,6 +246,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         """Close every handle and drop every node but the root."""
         self._handles.clear()
         self._nodes.clear()
+        self._nodes.reap()
         self._shared.init_flags = 0
 
     def idle(self) -> None:
@@ -255,11 +256,14 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         so the worker calls it before every request: a request answered on any
         queue has seen every FORGET and RELEASE completed before it was sent.
         """
-        seq = self._nodes.s.log_seq()
+        nodes = self._nodes
+        seq = nodes.s.log_seq()
         if seq != self._idle_seen:
-            self._nodes.sync()
+            nodes.sync()
             self._handles.sync()
             self._idle_seen = seq
+        if nodes.graveyard:
+            nodes.reap()
 
     def close(self) -> None:
         """Release every fd, the root's and /proc's included; the end of the instance."""
@@ -281,6 +285,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         """Drop ``nlookup`` lookups (clamped at zero); unknown ids are ignored."""
         try:
             self._nodes.forget(nodeid, nlookup)
+            self._nodes.reap()  # a request of its own: nothing else holds a Node
         except OSError:
             pass  # close(2) of an O_PATH fd has nothing to report; never raise here
 

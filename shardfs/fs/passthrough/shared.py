@@ -372,6 +372,10 @@ class SharedNodeTable:
         # open_by_handle_at refuses an O_PATH mount_fd: keep a real one.
         self.mount_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
         self._cache: dict[int, tuple[int, Node]] = {}
+        #: Fds of cache entries dropped while a request may still hold their
+        #: Node or Handle: closed by :meth:`reap` between requests, so an fd
+        #: number is never reused under a request in flight.
+        self.graveyard: list[int] = []
         self._seen = state.log_seq()
         with state.lock:
             gen, state_, _ = state.node_head(FUSE_ROOT_ID)
@@ -392,14 +396,14 @@ class SharedNodeTable:
         cached = self._cache.get(slot)
         if cached is not None and cached[0] == gen:
             del self._cache[slot]
-            os.close(cached[1].fd)
+            self.graveyard.append(cached[1].fd)
 
     def _sweep(self) -> None:
         for slot, (gen, node) in list(self._cache.items()):
             sgen, state, _ = self.s.node_head(slot)
             if sgen != gen or state != USED:
                 del self._cache[slot]
-                os.close(node.fd)
+                self.graveyard.append(node.fd)
 
     # -- NodeTable interface ------------------------------------------------------
 
@@ -475,7 +479,7 @@ class SharedNodeTable:
             os.close(fd)
             return cached[1]
         if cached is not None:
-            os.close(cached[1].fd)
+            self.graveyard.append(cached[1].fd)
         node = Node(make_id(slot, gen), fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), 0)
         self._cache[slot] = (gen, node)
         return node
@@ -577,7 +581,14 @@ class SharedNodeTable:
             s.append_log(LOG_CLEAR_NODES, 0, 0)
         self.sync()
 
+    def reap(self) -> None:
+        """Close the fds evicted since the last call; only between requests."""
+        graveyard = self.graveyard
+        while graveyard:
+            os.close(graveyard.pop())
+
     def close(self) -> None:
+        self.reap()
         for _, node in self._cache.values():
             os.close(node.fd)
         self._cache.clear()
@@ -601,6 +612,7 @@ class SharedHandleTable:
         self.reopen = reopen
         self.max_handles = state.cap_handles - 1
         self._cache: dict[int, tuple[int, Handle]] = {}
+        self.graveyard = nodes.graveyard  # one for both tables (see SharedNodeTable)
         self._seen = state.log_seq()
 
     def sync(self) -> None:
@@ -612,14 +624,14 @@ class SharedHandleTable:
         cached = self._cache.get(slot)
         if cached is not None and cached[0] == gen:
             del self._cache[slot]
-            os.close(cached[1].fd)
+            self.graveyard.append(cached[1].fd)
 
     def _sweep(self) -> None:
         for slot, (gen, h) in list(self._cache.items()):
             sgen, state = struct.unpack_from("<II", self.s.mem, self.s.handle_off(slot))
             if sgen != gen or state != USED:
                 del self._cache[slot]
-                os.close(h.fd)
+                self.graveyard.append(h.fd)
 
     def __len__(self) -> int:
         return self.s._hdr(3)
