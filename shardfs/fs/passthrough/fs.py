@@ -197,6 +197,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
             raise
         self._handles = SharedHandleTable(shared, self._nodes, self._reopen_handle)
         self._idle_seen = -1
+        self._log_seq_word = shared._hdr64
         self._has_openat2 = _probe_openat2(root_fd)
         os.umask(0)
 
@@ -257,7 +258,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         queue has seen every FORGET and RELEASE completed before it was sent.
         """
         nodes = self._nodes
-        seq = nodes.s.log_seq()
+        seq = self._log_seq_word[1]  # SharedState.log_seq(), inlined
         if seq != self._idle_seen:
             nodes.sync()
             self._handles.sync()

@@ -69,7 +69,7 @@ _GEN_SHIFT = 32
 
 # header: capacity_nodes, capacity_handles, nodes_used, handles_used,
 #         node_free_top, handle_free_top, init_flags, log_seq
-_HDR = struct.Struct("<IIIIIIQQ")
+_HDR = struct.Struct("=IIIIIIQQ")  # native: read as words (see SharedState)
 _U32 = struct.Struct("<I")
 # node slot: gen, state, nlookup, dev, ino, kind, owner, handle_type, handle_bytes, handle
 _NODE = struct.Struct(f"<IIQQQIiiI{MAX_HANDLE_SZ}s")
@@ -119,17 +119,25 @@ class SharedState:
         self.lock = RobustMutex(self.mem, 0, create=True)
         _HDR.pack_into(self.mem, self.hdr_off, self.cap_nodes, self.cap_handles, 0, 0, 0, 0,
                        0, 0)
+        # Header fields as native words: one load or store each.  Other
+        # processes read some of them without the lock (the log sequence, the
+        # counts), and struct.pack_into zero-fills its target before storing.
+        view = memoryview(self.mem)
+        self._hdr32 = view[self.hdr_off:self.hdr_off + 24].cast("I")
+        self._hdr64 = view[self.hdr_off + 24:self.hdr_off + _HDR.size].cast("Q")
         self._init_free(self.node_free_off, self.cap_nodes, first=FUSE_ROOT_ID + 1, hdr_field=4)
         self._init_free(self.handle_free_off, self.cap_handles, first=1, hdr_field=5)
 
     # -- header fields ----------------------------------------------------------
 
     def _hdr(self, i: int) -> int:
-        return int(_HDR.unpack_from(self.mem, self.hdr_off)[i])
+        return self._hdr32[i] if i < 6 else self._hdr64[i - 6]
 
     def _set_hdr(self, i: int, value: int) -> None:
-        fmt_off = struct.calcsize("<" + _HDR.format[1:][:i])
-        struct.pack_into("<" + _HDR.format[1 + i], self.mem, self.hdr_off + fmt_off, value)
+        if i < 6:
+            self._hdr32[i] = value
+        else:
+            self._hdr64[i - 6] = value
 
     @property
     def init_flags(self) -> int:
@@ -141,7 +149,7 @@ class SharedState:
         self._set_hdr(6, value)
 
     def log_seq(self) -> int:
-        return self._hdr(7)
+        return self._hdr64[1]
 
     # -- free stacks -------------------------------------------------------------
 
