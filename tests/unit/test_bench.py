@@ -130,6 +130,30 @@ def test_every_workload_runs_clean_on_two_queues(tmp_path: Path, layout: str) ->
     assert "Traceback" not in d.log_path.read_text()
 
 
+def test_every_workload_runs_clean_against_virtiofsd(tmp_path: Path) -> None:
+    """The same pre-built requests, served by the real peer: the comparison
+    is only fair if virtiofsd answers every one of them without an error."""
+    peer = bench.find_virtiofsd(None)
+    if peer is None:
+        if os.environ.get("SHARDFS_REQUIRE_PEER") == "1":
+            pytest.fail("virtiofsd is missing: run scripts/get-virtiofsd")
+        pytest.skip("virtiofsd is missing (scripts/get-virtiofsd fetches it)")
+    d = bench.Daemon(tmp_path, "virtiofsd", 1, bench.virtiofsd_cmd(peer, False, ""))
+    try:
+        for w in WORKLOADS.values():
+            p = bench.Prepared(d, w, 4, 4096, "compact", dir_entries=300)
+            try:
+                s = p.run(1 if w.name == "readdirplus" else 8)  # raises on any error
+            finally:
+                p.release()
+            assert s.rate > 0 and s.cpu_us >= 0
+        assert not [f for f in os.listdir(d.shared) if f.startswith("create-")]
+        assert bench.FuseClient(d.fe, 1).getattr(1)[0] >= 0
+    finally:
+        d.stop()
+    assert d.proc.returncode is not None
+
+
 # -- report and chart ----------------------------------------------------------------
 
 def _series() -> tuple[list[bench.Series], dict[tuple[str, int], list[float]]]:
