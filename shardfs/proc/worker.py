@@ -86,6 +86,24 @@ class Ring:
     errors: list[str] = field(default_factory=list)
 
 
+def next_poll_window(window_ns: int, slept_ns: int, max_ns: int) -> int:
+    """The polling window after a sleep that a kick ended ``slept_ns`` later.
+
+    KVM's halt-polling rule: a kick that came within ``max_ns`` of going to
+    sleep would have been caught by a longer spin, so the window grows (from
+    an eighth of the maximum, doubling); one that came later would not have
+    been caught by any allowed spin, so the window halves, down to 0.  A
+    driver that keeps requests in flight keeps the window open; a slow one
+    (a TCG guest: requests a millisecond apart) closes it in a few sleeps and
+    stops paying up to ``max_ns`` of CPU per request for nothing.
+    """
+    floor = max_ns // 8
+    if slept_ns <= max_ns:
+        return min(max(window_ns * 2, floor), max_ns)
+    window_ns //= 2
+    return window_ns if window_ns >= floor else 0
+
+
 class Worker:
     """State of one worker process; :meth:`run` is the process body."""
 
@@ -96,6 +114,8 @@ class Worker:
         #: This worker's link to the DAX coordinator (None: DAX is off).
         self.dax = dax
         self.poll_ns = poll_us * 1000
+        #: The current spin before sleeping, 0..poll_ns (see next_poll_window).
+        self.window_ns = self.poll_ns
         self.stats_page = stats_page if stats_page is not None else create_page(MAX_QUEUES)
         #: Shared with the supervisor: per ring, the next avail index we take.
         self.progress = progress if progress is not None else mmap.mmap(-1, _PROGRESS.size * 64)
@@ -123,19 +143,26 @@ class Worker:
         self.dispatcher = Dispatcher(fs, self.dax)
         self.ep.register(self.sock.fileno(), select.EPOLLIN)
         log.debug("worker %d ready", self.wid)
+        clock = time.perf_counter_ns
         while self.running:
+            asleep = clock()
             try:
                 events = self.ep.poll()
             except InterruptedError:
                 continue
+            slept = clock() - asleep
+            kicked = False
             for fd, _ in events:
                 if fd == self.sock.fileno():
                     self._control()
                 else:
                     ring = self.by_kick.get(fd)
                     if ring is not None:
+                        kicked = True
                         self._kick(ring)
             if self.poll_ns and self.rings:
+                if kicked:
+                    self.window_ns = next_poll_window(self.window_ns, slept, self.poll_ns)
                 self._spin()
 
     # -- data path ------------------------------------------------------------
@@ -149,17 +176,19 @@ class Worker:
         self.serve(ring)
 
     def _spin(self) -> None:
-        """Adaptive polling: watch the rings for ``poll_ns`` before sleeping.
+        """Adaptive polling: watch the rings for ``window_ns`` before sleeping.
 
         A cross-CPU eventfd wake-up costs tens of microseconds here (DESIGN
         §5); a request that arrives while we spin is taken without one.
         Every request served restarts the budget, so a busy queue is polled
-        continuously and an idle one costs at most ``poll_ns`` of CPU.
+        continuously and an idle one costs at most ``window_ns`` of CPU; the
+        window itself follows how soon kicks come (:func:`next_poll_window`).
         """
         clock = time.perf_counter_ns
         rings = list(self.rings.values())
+        window = self.window_ns
         while True:
-            deadline = clock() + self.poll_ns
+            deadline = clock() + window
             while clock() < deadline:
                 for ring in rings:
                     q = ring.queue
@@ -169,7 +198,7 @@ class Worker:
                         waiting = False
                     if waiting:
                         self.serve(ring)
-                        deadline = clock() + self.poll_ns
+                        deadline = clock() + window
             # serve() left the driver's notifications off while we watched the
             # rings: ask for kicks again before sleeping, and look once more.
             again = False
