@@ -410,7 +410,7 @@ class Dispatcher:
         if major > F.FUSE_KERNEL_VERSION:
             # Ask the kernel to retry with our major (fuse.h "INIT request/reply").
             return self._reply(w, F.fuse_init_out.pack(F.FUSE_KERNEL_VERSION, 0, 0, 0, 0, 0, 0,
-                                                       0, 0, 0, 0)[:8])
+                                                       0, 0, 0, 0, 0)[:8])
         if minor < F.FUSE_MIN_MINOR_VERSION:
             log.error("guest FUSE 7.%d is older than 7.%d", minor, F.FUSE_MIN_MINOR_VERSION)
             raise FsError(errno.EPROTO)
@@ -435,7 +435,7 @@ class Dispatcher:
         log.info("FUSE INIT: guest 7.%d, speaking 7.%d, flags %#x", minor, self.minor, enabled)
         out = F.fuse_init_out.pack(
             F.FUSE_KERNEL_VERSION, self.minor, max_readahead, enabled & _U32,
-            0, 0, MAX_WRITE, 1, MAX_PAGES, map_alignment, enabled >> 32)
+            0, 0, MAX_WRITE, 1, MAX_PAGES, map_alignment, enabled >> 32, 0)
         return self._reply(w, out)
 
     def op_destroy(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -453,6 +453,19 @@ class Dispatcher:
         flags, _, fh = r.read_struct(_GETATTR_IN)
         st, timeout = self.fs.getattr(ctx, nodeid, fh if flags & _GETATTR_FH else None)
         return _reply_attr(w, st, timeout)
+
+    def op_statx(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        """FUSE_STATX: fuse_statx_in, answered with fuse_statx_out (the host's
+        statx, birth time included).  The host's dev numbers are not sent."""
+        getattr_flags, _, fh, sx_flags, sx_mask = r.read_struct(F.fuse_statx_in)
+        sx, timeout = self.fs.statx(ctx, nodeid, fh if getattr_flags & _GETATTR_FH else None,
+                                    sx_flags, sx_mask)
+        av, ans = _split_timeout(timeout)
+        return self._reply(w, F.fuse_statx_out.pack(
+            av, ans, 0, sx.mask, sx.blksize, sx.attributes, sx.nlink, sx.uid, sx.gid,
+            sx.mode & 0xFFFF, 0, sx.ino, sx.size, sx.blocks, sx.attributes_mask,
+            sx.atime[0], sx.atime[1], 0, sx.btime[0], sx.btime[1], 0, sx.ctime[0], sx.ctime[1],
+            0, sx.mtime[0], sx.mtime[1], 0, sx.rdev_major, sx.rdev_minor, 0, 0))
 
     def op_setattr(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
@@ -767,6 +780,7 @@ REPLY_BYTES = {
     Op.FUSE_OPEN: F.fuse_open_out.size,
     Op.FUSE_OPENDIR: F.fuse_open_out.size,
     Op.FUSE_GETATTR: F.fuse_attr_out.size,
+    Op.FUSE_STATX: F.fuse_statx_out.size,
     Op.FUSE_SETATTR: F.fuse_attr_out.size,
     Op.FUSE_WRITE: F.fuse_write_out.size,
     Op.FUSE_INIT: F.fuse_init_out.size,
@@ -807,10 +821,10 @@ def _secctx(body: bytes, count: int) -> tuple[SecContext, ...]:
 
 def _supp_groups(body: bytes) -> tuple[int, ...]:
     """fuse_supp_groups: nr_groups, then the gids."""
-    if len(body) < F.supp_groups_head.size:
+    if len(body) < F.fuse_supp_groups.size:
         raise Malformed("supplementary groups truncated")
-    (nr,) = F.supp_groups_head.unpack_from(body)
-    if nr > MAX_EXT_GROUPS or F.supp_groups_head.size + 4 * nr > len(body):
+    (nr,) = F.fuse_supp_groups.unpack_from(body)
+    if nr > MAX_EXT_GROUPS or F.fuse_supp_groups.size + 4 * nr > len(body):
         raise Malformed(f"{nr} supplementary groups in {len(body)} bytes")
     return tuple(int.from_bytes(body[4 + 4 * i:8 + 4 * i], "little") for i in range(nr))
 
@@ -826,6 +840,7 @@ Dispatcher.TABLE = {
     Op.FUSE_DESTROY: Dispatcher.op_destroy,
     Op.FUSE_LOOKUP: Dispatcher.op_lookup,
     Op.FUSE_GETATTR: Dispatcher.op_getattr,
+    Op.FUSE_STATX: Dispatcher.op_statx,
     Op.FUSE_SETATTR: Dispatcher.op_setattr,
     Op.FUSE_READLINK: Dispatcher.op_readlink,
     Op.FUSE_SYMLINK: Dispatcher.op_symlink,

@@ -5,9 +5,10 @@ path can ``unpack_from``/``pack_into`` guest memory without intermediate
 objects (DESIGN §5).  Sizes are checked against the kernel header in
 ``tests/unit/abi``.
 
-We speak protocol 7.38: the newest layout in the header this project is built
-against.  A newer guest kernel (Linux 6.12 sends 7.41) negotiates down to it,
-as the INIT rules in ``fuse.h`` require.
+Layouts follow protocol 7.41, the header of Linux 6.12 (``linux-libc-dev``
+from bookworm-backports, which the ABI tests compile against), and we speak
+it: a guest kernel that sends an older minor gets that minor back, as the
+INIT rules in ``fuse.h`` require.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import enum
 import struct
 
 FUSE_KERNEL_VERSION = 7
-FUSE_KERNEL_MINOR_VERSION = 38
+FUSE_KERNEL_MINOR_VERSION = 41
 #: The oldest minor we accept: Linux 5.4's virtio-fs driver speaks 7.31.
 FUSE_MIN_MINOR_VERSION = 31
 FUSE_ROOT_ID = 1
@@ -75,6 +76,7 @@ class FuseOpcode(enum.IntEnum):
     FUSE_REMOVEMAPPING = 49
     FUSE_SYNCFS = 50
     FUSE_TMPFILE = 51
+    FUSE_STATX = 52
 
 
 # INIT flags (fuse_init_in.flags / fuse_init_out.flags; bits 32.. go in flags2).
@@ -164,6 +166,14 @@ fuse_forget_one = struct.Struct("<QQ")
 fuse_batch_forget_in = struct.Struct("<II")
 fuse_getattr_in = struct.Struct("<IIQ")
 fuse_attr_out = struct.Struct("<QII" + fuse_attr.format[1:])
+# struct fuse_statx (7.39; 256 bytes, struct statx's layout): mask, blksize,
+# attributes, nlink, uid, gid, mode, __spare0, ino, size, blocks,
+# attributes_mask, then fuse_sx_time (s64 tv_sec, u32 tv_nsec, s32 reserved)
+# for atime, btime, ctime and mtime, rdev_major, rdev_minor, dev_major,
+# dev_minor, __spare2[14].
+fuse_statx = struct.Struct("<IIQIIIHHQQQQ" + "qIi" * 4 + "IIII112x")
+fuse_statx_in = struct.Struct("<IIQII")  # getattr_flags, reserved, fh, sx_flags, sx_mask
+fuse_statx_out = struct.Struct("<QII16x" + fuse_statx.format[1:])  # attr_valid, nsec, flags
 fuse_mknod_in = struct.Struct("<IIII")
 fuse_mkdir_in = struct.Struct("<II")
 fuse_rename_in = struct.Struct("<Q")
@@ -172,7 +182,7 @@ fuse_link_in = struct.Struct("<Q")
 fuse_setattr_in = struct.Struct("<IIQQQQQQIIIIIIII")
 fuse_open_in = struct.Struct("<II")
 fuse_create_in = struct.Struct("<IIII")
-fuse_open_out = struct.Struct("<QII")
+fuse_open_out = struct.Struct("<QIi")  # fh, open_flags, backing_id (7.40)
 fuse_release_in = struct.Struct("<QIIQ")
 fuse_flush_in = struct.Struct("<QIIQ")
 fuse_read_in = struct.Struct("<QQIIQII")
@@ -189,7 +199,7 @@ fuse_access_in = struct.Struct("<II")
 fuse_init_in = struct.Struct("<IIIII44x")
 #: INIT from kernels before 7.36 is only the first four fields.
 FUSE_COMPAT_INIT_IN_SIZE = 16
-fuse_init_out = struct.Struct("<IIIIHHIIHHI28x")
+fuse_init_out = struct.Struct("<IIIIHHIIHHII24x")  # ... flags2, max_stack_depth (7.40)
 fuse_interrupt_in = struct.Struct("<Q")
 fuse_bmap_in = struct.Struct("<QII")
 fuse_ioctl_in = struct.Struct("<QIIQII")
@@ -219,9 +229,8 @@ fuse_ext_header = struct.Struct("<II")
 #: The security-context extension shares the header: ``type`` is the count.
 fuse_secctx_header = struct.Struct("<II")
 fuse_secctx = struct.Struct("<II")
-#: ``struct fuse_supp_groups`` (nr_groups, then that many u32 gids); named apart
-#: because the 7.38 header this is checked against predates it (Linux 6.3).
-supp_groups_head = struct.Struct("<I")
+#: ``struct fuse_supp_groups``: nr_groups, then that many u32 gids.
+fuse_supp_groups = struct.Struct("<I")
 #: fuse_ext_header.type values; 0..FUSE_MAX_NR_SECCTX mean a security context.
 FUSE_MAX_NR_SECCTX = 31
 FUSE_EXT_GROUPS = 32

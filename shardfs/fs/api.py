@@ -78,6 +78,34 @@ class Entry:
 
 
 @dataclass(slots=True)
+class Statx:
+    """The result of STATX (statx(2)'s fields that ``fuse_statx`` carries).
+
+    ``mask`` says which fields are valid (STATX_* of <linux/stat.h>); times
+    are (seconds, nanoseconds).  The host's device numbers are not part of
+    it: the guest has its own.
+    """
+
+    mask: int
+    blksize: int
+    attributes: int
+    nlink: int
+    uid: int
+    gid: int
+    mode: int
+    ino: int
+    size: int
+    blocks: int
+    attributes_mask: int
+    atime: tuple[int, int]
+    btime: tuple[int, int]
+    ctime: tuple[int, int]
+    mtime: tuple[int, int]
+    rdev_major: int
+    rdev_minor: int
+
+
+@dataclass(slots=True)
 class DirEntry:
     """One directory record.  ``offset`` is the cookie that resumes *after* it."""
 
@@ -161,6 +189,13 @@ class FileSystem:
         """Drop ``nlookup`` from the node's count; never raises, never replies."""
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        raise FsError(errno.ENOSYS)
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
+              sx_mask: int) -> tuple[Statx, float]:
+        """FUSE_STATX (7.39): GETATTR with the birth time.  ``sx_flags`` are the
+        guest's AT_STATX_* sync flags, ``sx_mask`` the STATX_* fields it wants.
+        ENOSYS makes the guest fall back to GETATTR for good."""
         raise FsError(errno.ENOSYS)
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from shardfs.fs.api import Context, DirEntry, Entry, FileSystem, Opened, SetattrIn
+from shardfs.fs.api import Context, DirEntry, Entry, FileSystem, Opened, SetattrIn, Statx
 
 
 class ForwardingFs(FileSystem):
@@ -51,6 +51,10 @@ class ForwardingFs(FileSystem):
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
         return self.inner.getattr(ctx, nodeid, fh)
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
+              sx_mask: int) -> tuple[Statx, float]:
+        return self.inner.statx(ctx, nodeid, fh, sx_flags, sx_mask)
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:
         return self.inner.setattr(ctx, nodeid, attr)

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass
 
 from shardfs.abi.fuse import FATTR_GID, FATTR_UID
-from shardfs.fs.api import Context, Entry, FileSystem, FsError, Opened, SetattrIn
+from shardfs.fs.api import Context, Entry, FileSystem, FsError, Opened, SetattrIn, Statx
 from shardfs.fs.forward import ForwardingFs
 
 ID_LIMIT = 1 << 32
@@ -199,6 +199,12 @@ class IdMappedFs(ForwardingFs):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
         st, t = self.inner.getattr(self._ctx(ctx), nodeid, fh)
         return self._stat(st), t
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
+              sx_mask: int) -> tuple[Statx, float]:
+        sx, t = self.inner.statx(self._ctx(ctx), nodeid, fh, sx_flags, sx_mask)
+        sx.uid, sx.gid = self.uids.to_guest(sx.uid), self.gids.to_guest(sx.gid)
+        return sx, t
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:
         if attr.valid & (FATTR_UID | FATTR_GID):

@@ -495,6 +495,8 @@ def test_idmapped_fs(make_fs: MakeFs, shared: Path) -> None:
     assert (os.lstat(p).st_uid, os.lstat(p).st_gid) == (5005, 5006)
     assert (st.st_uid, st.st_gid) == (1005, 1006)
     assert fs.getattr(ROOT, e.nodeid, None)[0].st_uid == 1005
+    sx, _ = fs.statx(ROOT, e.nodeid, None, 0, 0xFFF)  # STATX carries ids too
+    assert (sx.uid, sx.gid, sx.ino) == (1005, 1006, host.st_ino)
     os.chown(p, 42, 43)  # outside every range: unchanged both ways
     assert fs.lookup(ROOT, FUSE_ROOT_ID, b"f").attr.st_uid == 42
     assert errno_of(fs.mkdir, Context(3000, 0, 1), FUSE_ROOT_ID, b"d", 0o755, 0) == errno.EPERM

@@ -24,7 +24,7 @@ from shardfs.abi.fuse import (
     FATTR_SIZE,
     FATTR_UID,
 )
-from shardfs.fs.api import Context, FsError, SetattrIn
+from shardfs.fs.api import Context, FsError, SetattrIn, Statx
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.core import (
     MODE_PERM_MASK,
@@ -60,6 +60,26 @@ class AttrOps(PassthroughBase):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
         """fstat of the node's O_PATH fd (a handle names the same inode)."""
         return os.stat(self._node(nodeid).fd), self._policy.attr_timeout_s
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
+              sx_mask: int) -> tuple[Statx, float]:
+        """statx(2) of the node's O_PATH fd: GETATTR's answer plus the birth time.
+
+        Only the guest's sync flags pass (the path flags are ours: the node
+        itself, never a symlink's target), and only fields fuse_statx carries
+        are asked for and reported.
+        """
+        node = self._node(nodeid)
+        want = sx_mask & (lsys.STATX_BASIC_STATS | lsys.STATX_BTIME)
+        (mask, blksize, attributes, nlink, uid, gid, mode, _spare, ino, size, blocks,
+         attributes_mask, a_s, a_ns, _r1, b_s, b_ns, _r2, c_s, c_ns, _r3, m_s, m_ns, _r4,
+         rdev_major, rdev_minor, _dev_major, _dev_minor) = lsys.statx(
+            node.fd, b"", lsys.AT_EMPTY_PATH | lsys.AT_SYMLINK_NOFOLLOW
+            | (sx_flags & lsys.AT_STATX_SYNC_TYPE), want | lsys.STATX_BASIC_STATS)
+        mask &= lsys.STATX_BASIC_STATS | lsys.STATX_BTIME
+        return Statx(mask, blksize, attributes, nlink, uid, gid, mode, ino, size, blocks,
+                     attributes_mask, (a_s, a_ns), (b_s, b_ns), (c_s, c_ns), (m_s, m_ns),
+                     rdev_major, rdev_minor), self._policy.attr_timeout_s
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn) -> tuple[os.stat_result, float]:
         """Apply the FATTR_* fields in kernel order; return the fresh stat.

@@ -118,6 +118,7 @@ _getdents64 = _fn("getdents64", ctypes.c_ssize_t, _c_int, ctypes.c_void_p, ctype
 _faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
 _capget = _fn("capget", _c_int, ctypes.c_void_p, ctypes.c_void_p)
 _capset = _fn("capset", _c_int, ctypes.c_void_p, ctypes.c_void_p)
+_statx = _fn("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, ctypes.c_void_p)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -144,6 +145,25 @@ def utimensat(fd: int, path: bytes, times: tuple[tuple[int, int], tuple[int, int
     """
     ts = (Timespec * 2)(Timespec(*times[0]), Timespec(*times[1]))
     _check(_utimensat(fd, path, ts, flags))
+
+
+# statx(2), <linux/stat.h> and <linux/fcntl.h>
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
+AT_STATX_SYNC_TYPE = 0x6000  # AT_STATX_FORCE_SYNC | AT_STATX_DONT_SYNC
+#: struct statx up to stx_dev_minor (what fuse_statx carries; the rest is newer
+#: fields and spare): mask, blksize, attributes, nlink, uid, gid, mode,
+#: spare, ino, size, blocks, attributes_mask, four statx_timestamps (atime,
+#: btime, ctime, mtime), rdev_major, rdev_minor, dev_major, dev_minor.
+STATX_FIELDS = struct.Struct("<IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
+_STATX_SIZE = 256
+
+
+def statx(fd: int, path: bytes, flags: int, mask: int) -> tuple[int, ...]:
+    """statx(2), unpacked by :data:`STATX_FIELDS` (the reserved words included)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    _check(_statx(fd, path, flags, mask, buf))
+    return STATX_FIELDS.unpack_from(buf)
 
 
 def fchownat(fd: int, path: bytes, uid: int, gid: int, flags: int) -> None:
