@@ -92,6 +92,14 @@ def to_prometheus(snapshot: dict[str, Any]) -> str:
     for p in snapshot["processes"]:
         lines.append(f'shardfs_process_rss_bytes{{process="{p["name"]}",pid="{p["pid"]}"}} '
                      f'{p["rss_bytes"]}')
+    dax = snapshot.get("dax")
+    if dax is not None:  # the coordinator's counters (proc.dax.DaxShared), when DAX is on
+        lines.append("# TYPE shardfs_dax_mappings gauge")
+        lines.append(f"shardfs_dax_mappings {dax['mappings']}")
+        for name, value in dax.items():
+            if name != "mappings":
+                lines.append(f"# TYPE shardfs_dax_{name}_total counter")
+                lines.append(f"shardfs_dax_{name}_total {value}")
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +117,9 @@ def to_text(snapshot: dict[str, Any]) -> str:
     for p in snapshot["processes"]:
         rows.append(f"{p['pid']:>8} {p['name']:<14} {p['open_fds']:>6} "
                     f"{p['rss_bytes'] / 1e6:>8.1f}")
+    dax = snapshot.get("dax")
+    if dax is not None:
+        rows.append("dax: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dax.items()))
     return "\n".join(rows) + "\n"
 
 

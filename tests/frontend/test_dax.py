@@ -81,14 +81,18 @@ def unmapped(offset: int, length: int) -> Callable[[list[Event]], bool]:
                           and e.req.shm_offset + e.req.length >= offset + length for e in ev)
 
 
-def stats(d: Daemon) -> dict[str, Any]:
+def stats_text(d: Daemon, fmt: str) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(d.socket + ".stats")
-        s.sendall(b"json\n")
+        s.sendall(fmt.encode() + b"\n")
         chunks = []
         while chunk := s.recv(1 << 16):
             chunks.append(chunk)
-    return dict(json.loads(b"".join(chunks)))
+    return b"".join(chunks).decode()
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    return dict(json.loads(stats_text(d, "json")))
 
 
 def child_pid(d: Daemon, comm: str) -> int:
@@ -333,6 +337,12 @@ def test_invalid_requests_get_their_errno_and_map_nothing(dd: Daemon, fe: DaxFro
     assert fe.srv.events == [] and fe.win.is_reserved(0, WINDOW)
     snap = stats(dd)["dax"]
     assert snap["mappings"] == 0 and snap["frontend_errors"] == 0
+    # Every format carries the coordinator's counters.
+    refused = snap["refused"]
+    assert refused >= len(remove_cases)
+    prom = stats_text(dd, "prometheus").splitlines()
+    assert "shardfs_dax_mappings 0" in prom and f"shardfs_dax_refused_total {refused}" in prom
+    assert f"refused {refused}" in stats_text(dd, "text")
 
 
 # -- lifecycle --------------------------------------------------------------------------
