@@ -484,7 +484,11 @@ class Coordinator:
     def _open(dax: DaxSetup, rec: NodeRecord, writable: bool) -> int:
         """The file, opened by handle for the mapping's access; the caller closes it."""
         if rec.owner != ANY_WORKER or not rec.handle:
-            raise FsError(errno.EOPNOTSUPP, "the node has no file handle (a submount?)")
+            raise FsError(errno.EOPNOTSUPP, "the node has no file handle")
+        if rec.dev != os.fstat(dax.mount_fd).st_dev:
+            # Its handle decodes only through a mount fd on that filesystem,
+            # and the coordinator keeps none: DAX covers the share's own.
+            raise FsError(errno.EOPNOTSUPP, "the node is on a submount")
         fd = open_by_handle(dax.mount_fd, rec.handle_type, rec.handle,
                             os.O_RDWR if writable else os.O_RDONLY)
         try:

@@ -53,8 +53,9 @@ stores (``open_by_handle_at``), after checking the nodeid and fh in that
 table at the moment it applies the request.  So the check and the use
 cannot be separated by a RELEASE on another queue, a worker's fd cache is
 never involved, and a worker crash cannot leave an fd in flight.  The cost:
-nodes without a usable file handle (a submount) cannot be mapped
-(EOPNOTSUPP), the limit the shared table already has.
+nodes without a usable file handle, and nodes on a filesystem mounted under
+the share (the coordinator keeps no mount fds), cannot be mapped
+(EOPNOTSUPP); the guest then reads them through the queue.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ from shardfs.config import Config
 from shardfs.fs.api import FileSystem
 from shardfs.fs.build import build_fs
 from shardfs.fs.passthrough.fs import fd_budgets
+from shardfs.fs.passthrough.mounts import submount_fds
 from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.coordinator import Coordinator, DaxSetup, attach_worker
@@ -363,6 +364,7 @@ class Supervisor:
         def body() -> None:
             _close_fds_except(child.fileno())
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            submounts: dict[int, int] = {}
 
             def open_fs(path: str) -> FileSystem:
                 return build_fs(path, cache=cfg.cache, max_nodes=cfg.max_nodes,
@@ -375,9 +377,13 @@ class Supervisor:
                                 allow_direct_io=cfg.allow_direct_io,
                                 # creds keeps DAC checks the guest's with capset(2).
                                 guest_dac=cfg.seccomp != "kill"
-                                or "capset" in ALLOWED_SYSCALLS)
+                                or "capset" in ALLOWED_SYSCALLS, submounts=submounts)
 
             def make_fs() -> FileSystem:
+                # Mounts under the share are found before the sandbox hides
+                # /proc/self/mountinfo; their fds work inside it.
+                nonlocal submounts
+                submounts = submount_fds(cfg.shared_dir)
                 # The share is opened inside the sandbox, at the path it has there.
                 return confine(SandboxPolicy(cfg.sandbox, cfg.seccomp), cfg.shared_dir, open_fs)
 

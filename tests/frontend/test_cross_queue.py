@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,53 @@ def test_reinit_on_one_queue_resets_all(two: tuple) -> None:
     nodeid = q2.lookup(1, b"f")[0]
     q1.init()  # a guest reboot: INIT arrives on one queue only
     assert _getattr(q2, nodeid) == -errno.ENOENT
+
+
+@pytest.fixture
+def submounted(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at shared/sub, with a file and a subdirectory in it."""
+    sub = tmp_path / "shared" / "sub"
+    sub.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "shardfs-test", str(sub)],
+                   check=True)
+    try:
+        (sub / "f").write_bytes(b"on the submount")
+        (sub / "d").mkdir()
+        yield sub
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=True)
+
+
+@pytest.mark.parametrize("sandbox", ["namespace", "none"])
+def test_submount_nodes_work_on_every_queue(tmp_path: Path, submounted: Path,
+                                            sandbox: str) -> None:
+    """A node on a filesystem mounted under the share, looked up on one queue,
+    is served on the other: each worker opens it by handle through the fd on
+    that mount it took at its start (fs/passthrough/mounts.py)."""
+    d = Daemon(tmp_path, "--sandbox", sandbox, queues=2)
+    fe = d.frontend().start()
+    try:
+        q1, q2 = FuseClient(fe, queue=1), FuseClient(fe, queue=2)
+        q1.init()
+        assert q1.getattr(1) and q2.getattr(1)
+        before = _worker_fds(d)
+        sub = q1.lookup(1, b"sub")[0]
+        assert q2.getattr(sub)[3] == os.stat(submounted).st_ino  # the mount's root
+        f = q2.lookup(sub, b"f")[0]  # a parent from worker 0, used by worker 1
+        assert q1.getattr(f)[3] == os.stat(submounted / "f").st_ino
+        entry, fh = q1.create(sub, b"new")
+        assert q2.write(entry[0], fh, 0, b"written on queue 2") == 18
+        assert q1.read(entry[0], fh, 0, 100) == b"written on queue 2"
+        q2.release(entry[0], fh)
+        assert (submounted / "new").read_bytes() == b"written on queue 2"
+        dnode = q2.lookup(sub, b"d")[0]
+        assert q1.getattr(dnode)[3] == os.stat(submounted / "d").st_ino
+        for n in (f, entry[0], dnode, sub):
+            q1.forget(n, 1)
+        # Everything a worker opened on the submount is closed again.
+        assert q1.getattr(1) and q2.getattr(1)
+        assert _worker_fds(d) == before
+    finally:
+        fe.close()
+    assert d.stop() == 0
+    assert "Traceback" not in d.log_path.read_text()

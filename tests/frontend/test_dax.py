@@ -485,3 +485,31 @@ def test_no_fd_leaks_in_any_process(dd: Daemon, fe: DaxFrontend) -> None:
     assert {n: fd_count(p) for n, p in pids.items()} == before
     assert len(os.listdir("/proc/self/fd")) == mine
     assert vu.VHOST_USER_FLAG_MAP_RW in {e.req.flags for e in fe.srv.events}
+
+
+def test_a_submount_node_is_served_through_the_queue_not_the_window(tmp_path: Path) -> None:
+    """Workers open nodes on a filesystem mounted under the share; the
+    coordinator keeps no fds on such mounts, so SETUPMAPPING says EOPNOTSUPP
+    (the guest then reads through the queue) and nothing is mapped."""
+    import subprocess
+    sub = tmp_path / "shared" / "sub"
+    sub.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "t", str(sub)], check=True)
+    try:
+        (sub / "f").write_bytes(b"s" * CHUNK)
+        d = dax_daemon(tmp_path, queues=2)
+        f = DaxFrontend(d.socket, num_queues=3).start()
+        try:
+            c = FuseClient(f, queue=2)
+            c.init()
+            node = c.lookup(c.lookup(1, b"sub")[0], b"f")[0]
+            fh = c.open(node)
+            assert setupmapping(c, node, fh, 0, CHUNK, 0) == -errno.EOPNOTSUPP
+            assert f.srv.events == [] and f.win.is_reserved(0, WINDOW)
+            assert c.read(node, fh, 0, 4) == b"ssss"
+        finally:
+            f.close()
+        assert d.stop() == 0
+        assert "Traceback" not in d.log_path.read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=True)

@@ -142,7 +142,8 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
                  shared: SharedState | None = None, worker: int = 0,
                  posix_acl: bool = False, killpriv_v2: bool = False,
                  security_label: bool = False, xattrmap: XattrMap | str | None = None,
-                 allow_direct_io: bool = False, guest_dac: bool = True) -> None:
+                 allow_direct_io: bool = False, guest_dac: bool = True,
+                 submounts: dict[int, int] | None = None) -> None:
         """Serve ``shared_dir`` (an admin-given path; symlinks in it are followed).
 
         ``cache`` is a ``policy`` name (never, metadata, auto, always).
@@ -165,8 +166,15 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         parsed, ValueError if bad).  ``allow_direct_io`` passes a guest's
         O_DIRECT on to the host open.  ``guest_dac=False`` is for a daemon
         that may not call capset(2) (``creds.configure``).
+
+        ``submounts`` maps the ``st_dev`` of each mount under the share to an
+        fd on it (:func:`shardfs.fs.passthrough.mounts.submount_fds`), so
+        nodes there can be opened by handle in every worker; the instance
+        owns those fds in every outcome.
         """
         if posix_acl and not xattr:
+            for fd in (submounts or {}).values():
+                os.close(fd)
             raise ValueError("posix_acl needs xattr")
         if isinstance(xattrmap, str):
             xattrmap = XattrMap.parse(xattrmap)
@@ -191,7 +199,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         self._proc_fd = os.open(PROC_SELF_FD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._nodes = SharedNodeTable(shared, root_fd, worker)
+            self._nodes = SharedNodeTable(shared, root_fd, worker, submounts)
         except BaseException:
             os.close(self._proc_fd)
             raise

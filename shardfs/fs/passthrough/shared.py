@@ -30,10 +30,14 @@ call here (DESIGN §5), far too slow for LOOKUP and READ; SCM_RIGHTS fd
 passing needs the worker that holds the fd to be alive and to answer, which
 breaks crash isolation.  File handles survive the worker that made them.
 
-Limits: a node on another filesystem than the shared dir (a submount), or on
-a filesystem without file handles, is *owned* by the worker that looked it
-up; other workers answer ESTALE for it.  With one request queue there is no
-other worker, so nothing changes.
+Submounts: a node on a filesystem mounted under the share is opened by
+handle through an fd on that mount, which every worker takes at its start
+(:mod:`shardfs.fs.passthrough.mounts`).
+
+Limits: a node on a filesystem without file handles, or on a mount that
+appeared under the share after the worker that looks it up started, is
+*owned* by that worker; other workers answer ESTALE for it.  With one
+request queue there is no other worker, so nothing changes.
 """
 
 from __future__ import annotations
@@ -365,14 +369,20 @@ class SharedNodeTable:
     ownership of the fd it is given in every outcome, as NodeTable does.
     """
 
-    def __init__(self, state: SharedState, root_fd: int, worker: int) -> None:
+    def __init__(self, state: SharedState, root_fd: int, worker: int,
+                 submounts: dict[int, int] | None = None) -> None:
         self.s = state
         self.worker = worker
         self.max_nodes = state.cap_nodes - 1
+        #: st_dev -> an fd on that mount under the share (mounts.submount_fds):
+        #: the mount_fd that opens its nodes by handle.  Owned here.
+        self.submounts = dict(submounts or {})
         try:
             st = os.stat(root_fd)
         except BaseException:
             os.close(root_fd)
+            for fd in self.submounts.values():
+                os.close(fd)
             raise
         self.root = Node(FUSE_ROOT_ID, root_fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode),
                          nlookup=1)
@@ -452,8 +462,10 @@ class SharedNodeTable:
             raise FsError(errno.ENOENT)
         if owner != ANY_WORKER:
             raise FsError(errno.ESTALE)  # see "Limits" in the module doc
-        fd = open_by_handle(self.mount_fd, htype, handle[:hlen],
-                            os.O_PATH | os.O_NOFOLLOW)
+        mount_fd = self.mount_fd if dev == self.root_dev else self.submounts.get(dev)
+        if mount_fd is None:
+            raise FsError(errno.ESTALE)  # a mount this worker did not see at its start
+        fd = open_by_handle(mount_fd, htype, handle[:hlen], os.O_PATH | os.O_NOFOLLOW)
         try:
             st = os.stat(fd)
             if (st.st_dev, st.st_ino) != (dev, ino):
@@ -493,8 +505,13 @@ class SharedNodeTable:
         return node
 
     def _handle_of(self, fd: int, st: os.stat_result) -> tuple[int, int, bytes]:
-        """(owner, handle_type, handle) for a new node."""
-        if st.st_dev != self.root_dev:
+        """(owner, handle_type, handle) for a new node.
+
+        A node on a mount this worker has no mount fd for stays its own:
+        no other worker could open it by handle either (they all take
+        their mount table at start).
+        """
+        if st.st_dev != self.root_dev and st.st_dev not in self.submounts:
             return self.worker, 0, b""
         try:
             htype, handle, _mnt = name_to_handle(fd)
@@ -604,6 +621,9 @@ class SharedNodeTable:
             os.close(self.root.fd)
             os.close(self.mount_fd)
             self.root.fd = self.mount_fd = -1
+        for fd in self.submounts.values():
+            os.close(fd)
+        self.submounts.clear()
 
 
 class SharedHandleTable:
