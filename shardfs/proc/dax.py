@@ -244,15 +244,18 @@ class DaxShared:
 
     def __init__(self) -> None:
         self.mem = mmap.mmap(-1, self._LAYOUT.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        #: One aligned word per field: workers read ``mappings`` without a lock,
+        #: and struct.pack_into would zero-fill it before storing.
+        self._words = memoryview(self.mem).cast("Q")
 
     def read(self) -> dict[str, int]:
-        return dict(zip(self.FIELDS, self._LAYOUT.unpack_from(self.mem), strict=True))
+        return dict(zip(self.FIELDS, self._words.tolist(), strict=True))
 
     def get(self, name: str) -> int:
-        return int(struct.unpack_from("<Q", self.mem, 8 * self.FIELDS.index(name))[0])
+        return int(self._words[self.FIELDS.index(name)])
 
     def set(self, name: str, value: int) -> None:
-        struct.pack_into("<Q", self.mem, 8 * self.FIELDS.index(name), value)
+        self._words[self.FIELDS.index(name)] = value
 
     def add(self, name: str, n: int = 1) -> None:
         self.set(name, self.get(name) + n)

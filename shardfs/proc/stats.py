@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from array import array
 from typing import Any
 
 HIST_BUCKETS = 16
@@ -34,7 +35,7 @@ def create_page(num_queues: int) -> mmap.mmap:
 class QueueCounters:
     """One queue's counters as a worker accumulates them; :meth:`flush` publishes."""
 
-    __slots__ = ("page", "offset", "values", "hist")
+    __slots__ = ("page", "offset", "values", "hist", "_words")
 
     def __init__(self, page: mmap.mmap, index: int) -> None:
         self.page = page
@@ -42,9 +43,12 @@ class QueueCounters:
         current = _LAYOUT.unpack_from(page, self.offset)  # continue after a restart
         self.values = list(current[:len(FIELDS)])
         self.hist = list(current[len(FIELDS):])
+        self._words = memoryview(page)[self.offset:self.offset + _LAYOUT.size].cast("Q")
 
     def flush(self) -> None:
-        _LAYOUT.pack_into(self.page, self.offset, *self.values, *self.hist)
+        """Publish: a copy of whole words.  Not struct.pack_into, which zero-fills
+        first: a reader then saw counters drop to 0, a reset to Prometheus."""
+        self._words[:] = array("Q", self.values + self.hist)
 
 
 def latency_bucket(ns: int) -> int:

@@ -161,3 +161,37 @@ def test_a_node_freed_elsewhere_keeps_its_fd_until_the_request_ends(tmp_path: Pa
         os.fstat(held.fd)
     a.close()
     b.close()
+
+
+def test_a_live_node_never_reads_as_free_while_its_count_changes(tmp_path: Path) -> None:
+    """Another worker reads (gen, state) without the lock while lookups on
+    this one change the count.  The count is one 8-byte store: with
+    struct.pack_into of the whole head (which zero-fills first) about 7% of
+    such reads saw the node FREE, an ENOENT for a live nodeid.  Bounded by
+    iterations, not time: it cannot fail when the stores are right."""
+    s = SharedState(64, 16)
+    t = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    (tmp_path / "f").write_text("x")
+    node = t.insert(*_open(tmp_path / "f"))
+    slot, gen = split_id(node.nodeid)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other worker: lookups and forgets of the same inode
+        try:
+            os.read(r, 1)
+            for _ in range(200_000):
+                t.bump(node.nodeid)
+                t.forget(node.nodeid, 1)
+        finally:
+            os._exit(0)
+    os.write(w, b"x")
+    torn = 0
+    for _ in range(400_000):
+        g, state, _n = s.node_head(slot)
+        torn += g != gen or state != 1
+    os.waitpid(pid, 0)
+    os.close(r)
+    os.close(w)
+    assert torn == 0
+    assert t.nlookup(node.nodeid) == 1
+    t.close()
