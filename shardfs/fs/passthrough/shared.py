@@ -49,7 +49,7 @@ import stat
 import struct
 import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from shardfs.abi.fuse import FUSE_ROOT_ID
 from shardfs.fs.api import FsError
@@ -84,6 +84,7 @@ _NODE = struct.Struct(f"<IIQQQIiiI{MAX_HANDLE_SZ}s")
 _NODE_HEAD = struct.Struct("<IIQ")  # gen, state, nlookup
 # handle slot: gen, state, nodeid, flags, is_dir
 _HANDLE = struct.Struct("<IIQiI")
+_HANDLE_HEAD = struct.Struct("<II")  # gen, state
 _HANDLE_NODEID_OFF = struct.calcsize("<II")
 _WORD = struct.calcsize("<Q")
 _LOG = struct.Struct("<III4x")  # kind, slot, gen
@@ -276,6 +277,11 @@ class SharedState:
     def handle_off(self, slot: int) -> int:
         return self.handles_off + _HANDLE.size * slot
 
+    def handle_head(self, slot: int) -> tuple[int, int]:
+        """(gen, state) of a handle slot."""
+        gen, state = _HANDLE_HEAD.unpack_from(self.mem, self.handle_off(slot))
+        return gen, state
+
     # -- read-only views for the DAX coordinator (proc/coordinator.py) -------------
     # It holds no fds of nodes or handles: it checks ids here and opens files
     # by their file handle.  Each view reads under the lock, so it never sees
@@ -380,7 +386,42 @@ def make_id(slot: int, gen: int) -> int:
     return gen << _GEN_SHIFT | slot
 
 
-class SharedNodeTable:
+class _FdCache:
+    """This worker's fds for one table's slots, kept in step with the shared log.
+
+    ``_cache`` maps a slot to (gen, entry); every entry has an ``fd`` the
+    cache owns.  Entries of slots freed anywhere are dropped at :meth:`sync`
+    and their fds go to the ``graveyard``, closed between requests.
+    """
+
+    LOG_FREED = LOG_CLEAR = 0  # this table's log kinds
+    s: SharedState
+    graveyard: list[int]
+    _cache: dict[int, tuple[int, Any]]
+    _seen: int
+
+    def sync(self) -> None:
+        """Drop cached fds of slots freed anywhere since the last sync."""
+        self._seen = replay_log(self.s, self._seen, self.LOG_FREED, self.LOG_CLEAR,
+                                self._evict, self._sweep)
+
+    def _live(self, slot: int, gen: int) -> bool:
+        raise NotImplementedError
+
+    def _evict(self, slot: int, gen: int) -> None:
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] == gen:
+            del self._cache[slot]
+            self.graveyard.append(cached[1].fd)
+
+    def _sweep(self) -> None:
+        for slot, (gen, entry) in list(self._cache.items()):
+            if not self._live(slot, gen):
+                del self._cache[slot]
+                self.graveyard.append(entry.fd)
+
+
+class SharedNodeTable(_FdCache):
     """The NodeTable interface over :class:`SharedState` (see the module doc).
 
     Fd ownership: this worker's cache owns the fds in it; ``insert`` takes
@@ -423,23 +464,11 @@ class SharedNodeTable:
 
     # -- cache upkeep -------------------------------------------------------------
 
-    def sync(self) -> None:
-        """Close cached fds of slots freed anywhere since the last sync."""
-        self._seen = replay_log(self.s, self._seen, LOG_NODE, LOG_CLEAR_NODES, self._evict,
-                                self._sweep)
+    LOG_FREED, LOG_CLEAR = LOG_NODE, LOG_CLEAR_NODES
 
-    def _evict(self, slot: int, gen: int) -> None:
-        cached = self._cache.get(slot)
-        if cached is not None and cached[0] == gen:
-            del self._cache[slot]
-            self.graveyard.append(cached[1].fd)
-
-    def _sweep(self) -> None:
-        for slot, (gen, node) in list(self._cache.items()):
-            sgen, state, _ = self.s.node_head(slot)
-            if sgen != gen or state != USED:
-                del self._cache[slot]
-                self.graveyard.append(node.fd)
+    def _live(self, slot: int, gen: int) -> bool:
+        sgen, state, _ = self.s.node_head(slot)
+        return sgen == gen and state == USED
 
     # -- NodeTable interface ------------------------------------------------------
 
@@ -646,7 +675,7 @@ class SharedNodeTable:
         self.submounts.clear()
 
 
-class SharedHandleTable:
+class SharedHandleTable(_FdCache):
     """The HandleTable interface over :class:`SharedState`.
 
     ``reopen(node, flags, is_dir)`` opens an fd for a handle this worker has
@@ -663,23 +692,10 @@ class SharedHandleTable:
         self.graveyard = nodes.graveyard  # one for both tables (see SharedNodeTable)
         self._seen = state.log_seq()
 
-    def sync(self) -> None:
-        """Close cached fds of handles released anywhere since the last sync."""
-        self._seen = replay_log(self.s, self._seen, LOG_HANDLE, LOG_CLEAR_HANDLES, self._evict,
-                                self._sweep)
+    LOG_FREED, LOG_CLEAR = LOG_HANDLE, LOG_CLEAR_HANDLES
 
-    def _evict(self, slot: int, gen: int) -> None:
-        cached = self._cache.get(slot)
-        if cached is not None and cached[0] == gen:
-            del self._cache[slot]
-            self.graveyard.append(cached[1].fd)
-
-    def _sweep(self) -> None:
-        for slot, (gen, h) in list(self._cache.items()):
-            sgen, state = struct.unpack_from("<II", self.s.mem, self.s.handle_off(slot))
-            if sgen != gen or state != USED:
-                del self._cache[slot]
-                self.graveyard.append(h.fd)
+    def _live(self, slot: int, gen: int) -> bool:
+        return self.s.handle_head(slot) == (gen, USED)
 
     def __len__(self) -> int:
         return self.s._hdr(3)
@@ -740,7 +756,7 @@ class SharedHandleTable:
         cached = self._cache.get(slot)
         if cached is None or cached[1] is not h:
             return False
-        sgen, state = struct.unpack_from("<II", self.s.mem, self.s.handle_off(slot))
+        sgen, state = self.s.handle_head(slot)
         return bool(sgen == gen and state == USED)
 
     def close(self, fh: int) -> None:
@@ -750,7 +766,7 @@ class SharedHandleTable:
             raise FsError(errno.EBADF)
         s = self.s
         with s.lock:
-            sgen, state = struct.unpack_from("<II", s.mem, s.handle_off(slot))
+            sgen, state = s.handle_head(slot)
             if sgen != gen or state != USED:
                 raise FsError(errno.EBADF)
             self._free_locked(slot, sgen)
@@ -767,7 +783,7 @@ class SharedHandleTable:
         s = self.s
         with s.lock:
             for slot in range(1, s.cap_handles):
-                gen, state = struct.unpack_from("<II", s.mem, s.handle_off(slot))
+                gen, state = s.handle_head(slot)
                 if state == USED:
                     self._free_locked(slot, gen)
             s.append_log(LOG_CLEAR_HANDLES, 0, 0)
