@@ -66,7 +66,7 @@ def run_guest(
 def shardfs_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StartDaemon]:
     pool = DaemonPool(tmp_path, request.node)
     try:
-        yield pool.start
+        yield pool
     finally:
         errors = pool.close()
     if errors:

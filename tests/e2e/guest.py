@@ -37,7 +37,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
@@ -582,26 +581,18 @@ def attach_artifact(node: pytest.Item, title: str, path: Path) -> None:
     node.stash.setdefault(ARTIFACTS, []).append((title, path))
 
 
-class RunGuest(Protocol):
+class GuestRunner:
+    """:func:`run_guest` with one image, a fresh numbered work dir under
+    *base_dir* per boot, and the console and QEMU logs attached to *node*."""
+
+    def __init__(self, image: GuestImage, base_dir: Path, node: pytest.Item | None) -> None:
+        self.image = image
+        self.base_dir = base_dir
+        self.node = node
+        self._counter = itertools.count()
+
     def __call__(
         self,
-        script: str,
-        *,
-        socket_path: Path | None,
-        tag: str = "shardfs",
-        num_request_queues: int = 1,
-        vcpus: int = 1,
-        mem: str = "512M",
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> GuestResult: ...
-
-
-def make_guest_runner(
-    image: GuestImage, base_dir: Path, node: pytest.Item | None
-) -> RunGuest:
-    counter = itertools.count()
-
-    def run(
         script: str,
         *,
         socket_path: Path | None,
@@ -611,37 +602,22 @@ def make_guest_runner(
         mem: str = "512M",
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> GuestResult:
-        work_dir = base_dir / f"guest{next(counter)}"
-        if node is not None:
-            attach_artifact(node, "guest console", work_dir / "console.log")
-            attach_artifact(node, "qemu output", work_dir / "qemu.log")
-        return run_guest(
-            script,
-            work_dir=work_dir,
-            socket_path=socket_path,
-            image=image,
-            tag=tag,
-            num_request_queues=num_request_queues,
-            vcpus=vcpus,
-            mem=mem,
-            timeout_s=timeout_s,
-        )
-
-    return run
+        work_dir = self.base_dir / f"guest{next(self._counter)}"
+        if self.node is not None:
+            attach_artifact(self.node, "guest console", work_dir / "console.log")
+            attach_artifact(self.node, "qemu output", work_dir / "qemu.log")
+        return run_guest(script, work_dir=work_dir, socket_path=socket_path, image=self.image,
+                         tag=tag, num_request_queues=num_request_queues, vcpus=vcpus, mem=mem,
+                         timeout_s=timeout_s)
 
 
-class StartDaemon(Protocol):
-    def __call__(
-        self,
-        *,
-        shared_dir: Path | None = None,
-        tag: str = "shardfs",
-        num_request_queues: int = 1,
-    ) -> ShardfsDaemon: ...
+#: The ``run_guest`` fixture's type, and how tests outside it make one.
+RunGuest = make_guest_runner = GuestRunner
 
 
 class DaemonPool:
-    """Starts daemons under *base_dir*; ``close()`` stops them and reports problems."""
+    """Starts daemons under *base_dir* (call it); ``close()`` stops them and
+    reports problems."""
 
     def __init__(self, base_dir: Path, node: pytest.Item | None) -> None:
         self.base_dir = base_dir
@@ -650,13 +626,14 @@ class DaemonPool:
         self._temp_dirs: list[Path] = []
         self._counter = itertools.count()
 
-    def start(
+    def __call__(
         self,
         *,
         shared_dir: Path | None = None,
         tag: str = "shardfs",
         num_request_queues: int = 1,
     ) -> ShardfsDaemon:
+        """Start a daemon (``shared_dir`` defaults to *base_dir*/shared)."""
         n = next(self._counter)
         sock_dir, temporary = short_socket_dir(self.base_dir / f"daemon{n}")
         if temporary:
@@ -684,3 +661,7 @@ class DaemonPool:
         for d in self._temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
         return errors
+
+
+#: The ``shardfs_daemon`` fixture's type: a pool, called to start a daemon.
+StartDaemon = DaemonPool

@@ -136,7 +136,7 @@ def boot_with_daemon(
     """Start a daemon, boot the guest against it, then stop the daemon (SIGTERM)."""
     pool = DaemonPool(base, node)
     try:
-        daemon = pool.start(shared_dir=shared, tag=TAG, num_request_queues=num_request_queues)
+        daemon = pool(shared_dir=shared, tag=TAG, num_request_queues=num_request_queues)
         runner = make_guest_runner(image, base, node)
         result = runner(
             script,
