@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -72,6 +73,17 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     text = d.log_path.read_text()
     assert rc == 0, f"daemon exited with {rc}:\n{text}"
     assert "Traceback" not in text, text
+
+
+_dirs = itertools.count(1)
+
+
+@pytest.fixture
+def here(daemon: Daemon, request: pytest.FixtureRequest) -> Path:
+    """This test's own directory in the share (of the module's ``daemon``)."""
+    p = daemon.shared / f"{request.node.originalname}_{next(_dirs)}"
+    p.mkdir()
+    return p
 
 
 @pytest.fixture

@@ -86,18 +86,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert "Traceback" not in d.log_path.read_text()
 
 
-_dirs = 0
-
-
-@pytest.fixture
-def here(daemon: Daemon, request: pytest.FixtureRequest) -> Path:
-    global _dirs
-    _dirs += 1
-    p = daemon.shared / f"{request.node.originalname}_{_dirs}"
-    p.mkdir()
-    return p
-
-
 @pytest.fixture
 def c(daemon: Daemon) -> Iterator[FuseClient]:
     pid = worker_pid(daemon)

@@ -145,19 +145,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert "Traceback" not in text and "bug while serving" not in text, text
 
 
-_dirs = 0
-
-
-@pytest.fixture
-def here(daemon: Daemon, request: pytest.FixtureRequest) -> Path:
-    """This test's own directory in the share."""
-    global _dirs
-    _dirs += 1
-    p = daemon.shared / f"{request.node.originalname}_{_dirs}"
-    p.mkdir()
-    return p
-
-
 @pytest.fixture
 def outside(daemon: Daemon) -> Path:
     """A directory beside the share that nothing may reach."""
