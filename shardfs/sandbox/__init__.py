@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from shardfs.abi.capability import CAP_SETPCAP, CAP_SYS_CHROOT
 from shardfs.sandbox import caps, linux
 from shardfs.sandbox.namespace import enter_namespace
 from shardfs.sandbox.seccomp import SECCOMP_MODES, SeccompFilter
@@ -124,7 +125,7 @@ def confine(policy: SandboxPolicy, shared_dir: str, open_fs: Callable[[str], T])
         elif mode == "chroot":
             # chroot(2) needs CAP_SYS_CHROOT, and dropping it from the bounding
             # set afterwards CAP_SETPCAP.
-            drop(frozenset({caps.CAP_SYS_CHROOT, caps.CAP_SETPCAP}))
+            drop(frozenset({CAP_SYS_CHROOT, CAP_SETPCAP}))
             fs = open_fs(shared_dir)
             _step(mode, "chroot", lambda: enter_chroot(shared_dir))
             drop()

@@ -37,20 +37,18 @@ from __future__ import annotations
 
 import errno
 
+from shardfs.abi.capability import (
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_MKNOD,
+    CAP_SETFCAP,
+    CAP_SETGID,
+    CAP_SETUID,
+)
 from shardfs.sandbox import linux
-
-CAP_CHOWN = 0
-CAP_DAC_OVERRIDE = 1
-CAP_DAC_READ_SEARCH = 2
-CAP_FOWNER = 3
-CAP_FSETID = 4
-CAP_SETGID = 6
-CAP_SETUID = 7
-CAP_SETPCAP = 8
-CAP_SYS_CHROOT = 18
-CAP_SYS_ADMIN = 21
-CAP_MKNOD = 27
-CAP_SETFCAP = 31
 
 #: What a sandboxed passthrough process keeps (see the module doc).
 PASSTHROUGH_CAPS = frozenset({CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from shardfs.abi import capability
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # <sched.h> clone flags, for unshare(2)
@@ -49,9 +51,6 @@ PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-# <linux/capability.h>
-_LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
-
 # x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
 SYS_pivot_root = 155
 SYS_open_tree = 428
@@ -66,18 +65,10 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
                         ctypes.c_ulong]
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-_CapDataV3 = _CapData * 2
-_libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
-_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capget.argtypes = [ctypes.POINTER(capability.cap_user_header),
+                         ctypes.POINTER(capability.cap_user_data)]
+_libc.capset.argtypes = [ctypes.POINTER(capability.cap_user_header),
+                         ctypes.POINTER(capability.cap_user_data)]
 
 
 def _check(ret: int) -> int:
@@ -125,8 +116,8 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = _CapDataV3()
+    hdr = capability.header_v3()
+    data = capability.cap_user_data_v3()
     _check(_libc.capget(ctypes.byref(hdr), data))
     return (data[0].effective | data[1].effective << 32,
             data[0].permitted | data[1].permitted << 32,
@@ -135,8 +126,8 @@ def capget() -> tuple[int, int, int]:
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set this thread's three capability sets (each a 64-bit mask)."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = _CapDataV3()
+    hdr = capability.header_v3()
+    data = capability.cap_user_data_v3()
     for i in range(2):
         shift = 32 * i
         data[i].effective = (effective >> shift) & 0xFFFF_FFFF

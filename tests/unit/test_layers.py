@@ -24,7 +24,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "fs": frozenset({"abi"}),
     "dispatch": frozenset({"abi", "virtq", "fs"}),
     "config": frozenset({"abi"}),
-    "sandbox": frozenset(),  # Linux calls only; proc applies it
+    "sandbox": frozenset({"abi"}),  # Linux calls only; proc applies it
     "proc": ALL - {"testing"},
     "cli": ALL - {"testing"},
     "__main__": frozenset({"cli"}),

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from shardfs import config
+from shardfs.abi.capability import CAP_SYS_ADMIN
 from shardfs.fs.passthrough import fhandle
 from shardfs.sandbox import (
     SANDBOX_MODES,
@@ -175,8 +176,8 @@ def test_namespace_keeps_only_passthrough_capabilities(share: Path) -> None:
             "umount": errno_of(lambda: linux.umount2("/shared", linux.MNT_DETACH)),
             "unshare": errno_of(lambda: linux.unshare(linux.CLONE_NEWNS)),
             "chroot": errno_of(lambda: os.chroot("/shared")),
-            "regain": errno_of(lambda: linux.capset(KEEP | 1 << caps.CAP_SYS_ADMIN,
-                                                    KEEP | 1 << caps.CAP_SYS_ADMIN, 0)),
+            "regain": errno_of(lambda: linux.capset(KEEP | 1 << CAP_SYS_ADMIN,
+                                                    KEEP | 1 << CAP_SYS_ADMIN, 0)),
         }
 
     status, out = in_child(probe)

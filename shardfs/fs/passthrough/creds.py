@@ -55,11 +55,12 @@ import os
 from dataclasses import dataclass
 from types import TracebackType
 
+from shardfs.abi import capability
 from shardfs.fs.api import Context, FsError
 from shardfs.fs.passthrough import sys as lsys
 
 #: Kept in the effective set while switched (see the module doc).
-KEEP_DAC_MASK = (1 << lsys.CAP_DAC_OVERRIDE) | (1 << lsys.CAP_DAC_READ_SEARCH)
+KEEP_DAC_MASK = (1 << capability.CAP_DAC_OVERRIDE) | (1 << capability.CAP_DAC_READ_SEARCH)
 
 
 @dataclass(slots=True)
@@ -100,14 +101,14 @@ def _read_home() -> _Home:
             caps = lsys.capget()
         except OSError:
             caps = None
-        setid = (1 << lsys.CAP_SETUID) | (1 << lsys.CAP_SETGID)
+        setid = (1 << capability.CAP_SETUID) | (1 << capability.CAP_SETGID)
         sure = caps is not None and caps.effective & setid == setid
         if caps is not None and fsuid == 0:
             if _guest_dac:
-                eff = (caps.effective & ~lsys.CAP_FS_MASK) | (caps.permitted & KEEP_DAC_MASK)
+                eff = (caps.effective & ~capability.CAP_FS_MASK) | (caps.permitted & KEEP_DAC_MASK)
                 switched = lsys.PreparedCaps(caps._replace(effective=eff))
             # Back at fsuid 0 the kernel raises every permitted fs capability.
-            if caps.effective & lsys.CAP_FS_MASK != caps.permitted & lsys.CAP_FS_MASK:
+            if caps.effective & capability.CAP_FS_MASK != caps.permitted & capability.CAP_FS_MASK:
                 restore = lsys.PreparedCaps(caps)
         _home = _Home(fsuid, fsgid, os.getgroups(), switched, restore, sure)
     return _home

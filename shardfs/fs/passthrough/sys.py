@@ -17,6 +17,8 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from shardfs.abi import capability
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # <linux/fcntl.h>
@@ -46,23 +48,6 @@ RESOLVE_IN_ROOT = 0x10
 #: ``(uid_t)-1``/``(gid_t)-1``: "leave unchanged" for fchownat, "query" for setfsuid.
 ID_UNCHANGED = 0xFFFF_FFFF
 
-# <linux/capability.h>
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-CAP_CHOWN = 0
-CAP_DAC_OVERRIDE = 1
-CAP_DAC_READ_SEARCH = 2
-CAP_FOWNER = 3
-CAP_FSETID = 4
-CAP_SETGID = 6
-CAP_SETUID = 7
-CAP_MKNOD = 27
-#: The capabilities a change of fsuid from 0 drops from the effective set
-#: (``CAP_FS_MASK``: CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID,
-#: LINUX_IMMUTABLE (9), MKNOD, MAC_OVERRIDE (32)).
-CAP_FS_MASK = ((1 << CAP_CHOWN) | (1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)
-               | (1 << CAP_FOWNER) | (1 << CAP_FSETID) | (1 << 9) | (1 << CAP_MKNOD)
-               | (1 << 32))
-
 #: ``struct linux_dirent64`` header: d_ino u64, d_off s64, d_reclen u16, d_type u8.
 _DIRENT64 = struct.Struct("=QqHB")
 
@@ -71,15 +56,6 @@ class Timespec(ctypes.Structure):
     """``struct timespec`` (time_t and long are both 64-bit on Linux LP64)."""
 
     _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_long)]
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
 
 
 class Caps(NamedTuple):
@@ -197,8 +173,8 @@ def setfsgid(gid: int) -> int:
 
 def capget() -> Caps:
     """capget(2) of the calling thread (version 3: 64 capability bits)."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    hdr = capability.header_v3()
+    data = capability.cap_user_data_v3()
     _check(_capget(ctypes.byref(hdr), data))
     return Caps(*(getattr(data[0], f) | getattr(data[1], f) << 32
                   for f in ("effective", "permitted", "inheritable")))
@@ -211,8 +187,8 @@ class PreparedCaps:
 
     def __init__(self, caps: Caps) -> None:
         self.caps = caps
-        self._hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-        self._data = (_CapData * 2)()
+        self._hdr = capability.header_v3()
+        self._data = capability.cap_user_data_v3()
         for i in range(2):
             self._data[i].effective = (caps.effective >> (32 * i)) & 0xFFFF_FFFF
             self._data[i].permitted = (caps.permitted >> (32 * i)) & 0xFFFF_FFFF
@@ -220,7 +196,7 @@ class PreparedCaps:
 
     def apply(self) -> None:
         """capset(2) for the calling thread; EPERM if a set is not allowed."""
-        self._hdr.version = _LINUX_CAPABILITY_VERSION_3
+        self._hdr.version = capability._LINUX_CAPABILITY_VERSION_3
         _check(_capset(ctypes.byref(self._hdr), self._data))
 
 
