@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardfs.testing import process
 from shardfs.testing.bench_workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
 from shardfs.testing.frontend import Frontend, FuseClient
 from shardfs.testing.loadgen import LAYOUTS, Plan, prebuild, run_parallel
@@ -139,13 +140,7 @@ class Daemon:
         if getattr(self, "fe", None) is not None:
             self.fe.close()
             self.fe = None  # type: ignore[assignment]
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.stop(self.proc)
         self.log.close()
 
 

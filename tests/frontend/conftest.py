@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shardfs.testing import process
 from shardfs.testing.frontend import Frontend, FuseClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,16 +53,10 @@ class Daemon:
                              text=True)
         return [int(p) for p in out.stdout.split()]
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self) -> int | None:
+        rc = process.stop(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return rc
 
 
 @pytest.fixture
