@@ -68,7 +68,7 @@ from shardfs.proc.coordinator import Coordinator, DaxSetup, attach_worker
 from shardfs.proc.dax import DaxClient, DaxShared, Geometry
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
-from shardfs.sandbox import SandboxPolicy, confine, isolate_daemon
+from shardfs.sandbox import SandboxPolicy, confine, enter_user_namespace, isolate_daemon
 from shardfs.sandbox.seccomp import ALLOWED_SYSCALLS
 
 log = logging.getLogger("shardfs.supervisor")
@@ -557,7 +557,13 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
-            isolate_daemon(SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp))
+            policy = SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp)
+            # Non-root: a user namespace first (sandbox.userns), then the IPC one.
+            enter_user_namespace(policy, getattr(self.cfg, "uid_map", ()),
+                                 getattr(self.cfg, "gid_map", ()),
+                                 queues=self.cfg.num_request_queues,
+                                 dax=bool(self.cfg.dax_window))
+            isolate_daemon(policy)
         except OSError as e:
             log.error("%s", e)
             self._shutdown()

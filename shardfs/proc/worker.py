@@ -37,6 +37,7 @@ from shardfs.fs.api import FileSystem
 from shardfs.proc import control
 from shardfs.proc.dax import DaxClient
 from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
+from shardfs.sandbox.userns import may_setgroups
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.split import QueueError, SplitQueue
 
@@ -68,9 +69,11 @@ def drop_supplementary_groups() -> None:
     """CVE-2022-0358: a root daemon's groups must not leak into guest-created files.
 
     Requests run with the caller's fsuid/fsgid; supplementary groups stay
-    with the process, so they are dropped before the first request.
+    with the process, so they are dropped before the first request.  Not in
+    a rootless user namespace with ``setgroups = deny`` (sandbox.userns):
+    there the kernel refuses, and only one id exists to switch to.
     """
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and may_setgroups():
         os.setgroups([])
 
 

@@ -13,27 +13,34 @@ Modes (``sandbox =`` in the config, ``--sandbox``):
     tmpfs that holds only the share and this process's own
     ``/proc/PID/fd`` (:mod:`shardfs.sandbox.namespace`); the share is
     served as ``/shared``.  The supervisor also gives the daemon's process
-    tree a private IPC namespace (:func:`isolate_daemon`).  Needs root.
+    tree a private IPC namespace (:func:`isolate_daemon`).  As root, in the
+    host's user namespace; as a non-root user, the supervisor first enters
+    a user namespace of its own where it is root (``uid_map``/``gid_map``
+    through newuidmap/newgidmap), as virtiofsd does
+    (:mod:`shardfs.sandbox.userns`, :func:`enter_user_namespace`).
 ``chroot``
     ``chroot(2)`` into the share (for hosts where namespaces are not
-    allowed; needs CAP_SYS_CHROOT only).  The filesystem is opened before
-    the chroot, so its /proc fd is held, but ``/proc/self/fd/N`` *paths*
+    allowed; needs CAP_SYS_CHROOT, so root only: refused at start
+    otherwise).  The filesystem is opened before the chroot, so its /proc
+    fd is held, but ``/proc/self/fd/N`` *paths*
     would resolve inside the share: the config refuses ``chroot`` together
     with ``xattr = true`` (the passthrough's xattr calls use those paths).
 ``none``
-    no change.
+    no change.  A non-root daemon then acts with its own ids: the guest's
+    root creates files as the invoking user, other guest ids get EPERM
+    (as virtiofsd).
 
 In both confining modes capabilities are then reduced to
 :data:`~shardfs.sandbox.caps.PASSTHROUGH_CAPS` with no_new_privs, and
 finally the seccomp filter (``seccomp = kill | log | none``, independent
 of the mode) is loaded.
 
-Who calls what: the supervisor calls :func:`isolate_daemon` once before it
-forks; every child that serves the share (each worker, the coordinator)
-calls :func:`confine` right after fork, before it opens anything, and
-opens the share inside it.  The supervisor itself is not confined: it must
-keep the vhost-user socket and fork replacements, and never touches the
-share.
+Who calls what: the supervisor calls :func:`enter_user_namespace` and then
+:func:`isolate_daemon`, once, before it forks; every child that serves the
+share (each worker, the coordinator) calls :func:`confine` right after
+fork, before it opens anything, and opens the share inside it.  The
+supervisor itself is not confined: it must keep the vhost-user socket and
+fork replacements, and never touches the share.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from shardfs.abi.capability import CAP_SETPCAP, CAP_SYS_CHROOT
-from shardfs.sandbox import caps, linux
+from shardfs.sandbox import caps, linux, userns
 from shardfs.sandbox.namespace import enter_namespace
 from shardfs.sandbox.seccomp import SECCOMP_MODES, SeccompFilter
 
@@ -55,7 +62,10 @@ T = TypeVar("T")
 
 
 class SandboxError(OSError):
-    """A sandbox step failed; the message names the mode and the step."""
+    """A sandbox step failed; the message names the mode and the step (or the field)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # one line for the log, without "[Errno N]"
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,28 @@ def _step(mode: str, what: str, fn: Callable[[], T]) -> T:
         hint = " (needs root; or set sandbox = none)" if e.errno == errno.EPERM else ""
         raise SandboxError(e.errno or errno.EIO,
                            f"sandbox {mode}: {what}: {e.strerror or e}{hint}") from e
+
+
+def enter_user_namespace(policy: SandboxPolicy, uid_map: userns.IdMap = (),
+                         gid_map: userns.IdMap = (), *, queues: int = 1,
+                         dax: bool = False) -> bool:
+    """In the supervisor, before :func:`isolate_daemon`: refuse a configuration this
+    euid cannot run, and enter a user namespace when non-root in ``namespace`` mode.
+
+    True when it entered one.  Every refusal and failure is a
+    :class:`SandboxError` whose message is one line naming the field
+    (see :mod:`shardfs.sandbox.userns`); the caller exits.
+    """
+    why = userns.refusal(policy.mode, uid_map, gid_map, queues=queues, dax=dax)
+    if why is not None:
+        raise SandboxError(errno.EPERM, why)
+    if not userns.wanted(policy.mode):
+        return False
+    try:
+        userns.enter(uid_map, gid_map)
+    except userns.UsernsError as e:
+        raise SandboxError(e.errno or errno.EPERM, str(e.strerror)) from e
+    return True
 
 
 def isolate_daemon(policy: SandboxPolicy) -> None:
@@ -151,4 +183,4 @@ def enter_chroot(shared_dir: str) -> None:
 
 
 __all__ = ["SANDBOX_MODES", "SECCOMP_MODES", "SandboxError", "SandboxPolicy", "confine",
-           "enter_chroot", "isolate_daemon"]
+           "enter_chroot", "enter_user_namespace", "isolate_daemon"]

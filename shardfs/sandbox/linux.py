@@ -20,6 +20,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWUTS = 0x0400_0000
 CLONE_NEWIPC = 0x0800_0000
+CLONE_NEWUSER = 0x1000_0000
 CLONE_NEWNET = 0x4000_0000
 
 # <sys/mount.h> mount(2) flags

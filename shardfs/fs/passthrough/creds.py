@@ -42,6 +42,19 @@ Node and handle ids are resolved *before* switching: reopening a node by
 file handle needs CAP_DAC_READ_SEARCH in full, and a handle's fd is never
 reopened under the caller's ids (an open file survives a later chmod).
 
+**Rootless** (``sandbox.userns``).  In a user namespace only the mapped ids
+exist, and setfsuid(2) to any other id is a silent no-op: a create would
+then quietly make a file owned by the daemon.  So a switch is read back
+unless the first call of :func:`_read_home` saw an id no user namespace
+maps (``(uid_t)-2``) take, and a switch that does not take is EINVAL when
+the daemon holds CAP_SETUID/CAP_SETGID (the id is not mapped: what
+virtiofsd's setresuid(2) answers), EPERM otherwise.  With
+``setgroups = deny`` (the namespace maps only the caller) a create's
+supplementary group cannot be set and is left out; the guest kernel has
+checked the caller's groups already.  A non-root daemon outside any user
+namespace (``sandbox = none``) cannot switch at all: like virtiofsd, it
+serves the guest's root (uid 0, gid 0) as itself, and other ids get EPERM.
+
 Side effects: ``setfsuid``/``setfsgid``/``capset`` act on the calling
 thread; ``setgroups`` (for the one supplementary group a create may carry)
 acts on the process, which is single-threaded.  Supplementary groups are
@@ -75,8 +88,16 @@ class _Home:
     #: capset to apply after switching back (None: the kernel's restore is exact).
     restore: lsys.PreparedCaps | None
     #: CAP_SETUID and CAP_SETGID are effective: setfsuid/setfsgid cannot fail
-    #: for a valid id, so the switch needs no read-back.
+    #: for a valid id (so a switch that does not take is EINVAL, not EPERM).
+    setid: bool
+    #: ``setid``, and every id exists (no user namespace map leaves ids out):
+    #: the switch needs no read-back.
     sure: bool
+    #: setgroups(2) is allowed (not denied by a user namespace).
+    groups_ok: bool
+    #: Without CAP_SETUID/SETGID and not root: the guest's root is served as
+    #: the daemon's own ids (see the module doc).
+    root_is_self: bool
 
 
 _home: _Home | None = None
@@ -101,8 +122,16 @@ def _read_home() -> _Home:
             caps = lsys.capget()
         except OSError:
             caps = None
-        setid = (1 << capability.CAP_SETUID) | (1 << capability.CAP_SETGID)
-        sure = caps is not None and caps.effective & setid == setid
+        setid_mask = (1 << capability.CAP_SETUID) | (1 << capability.CAP_SETGID)
+        setid = caps is not None and caps.effective & setid_mask == setid_mask
+        sure = setid and _every_id_exists()
+        groups = os.getgroups()
+        try:
+            os.setgroups(groups)  # changes nothing; EPERM under setgroups = deny
+            groups_ok = True
+        except OSError:
+            groups_ok = False
+        root_is_self = not setid and fsuid != 0
         if caps is not None and fsuid == 0:
             if _guest_dac:
                 eff = (caps.effective & ~capability.CAP_FS_MASK) | (caps.permitted & KEEP_DAC_MASK)
@@ -110,8 +139,24 @@ def _read_home() -> _Home:
             # Back at fsuid 0 the kernel raises every permitted fs capability.
             if caps.effective & capability.CAP_FS_MASK != caps.permitted & capability.CAP_FS_MASK:
                 restore = lsys.PreparedCaps(caps)
-        _home = _Home(fsuid, fsgid, os.getgroups(), switched, restore, sure)
+        _home = _Home(fsuid, fsgid, groups, switched, restore, setid, sure, groups_ok,
+                      root_is_self)
     return _home
+
+
+#: An id that only a map of every id (the host's own) contains: ``(uid_t)-2``.
+_PROBE_ID = lsys.ID_UNCHANGED - 1
+
+
+def _every_id_exists() -> bool:
+    """Whether setfsuid/setfsgid to ``(uid_t)-2`` take (they do with CAP_SETUID/
+    CAP_SETGID unless a user namespace map leaves that id out).  Restores both."""
+    ok = True
+    for setfs in (lsys.setfsuid, lsys.setfsgid):
+        old = setfs(_PROBE_ID)
+        ok = ok and setfs(lsys.ID_UNCHANGED) == _PROBE_ID
+        setfs(old)
+    return ok
 
 
 class _Switched:
@@ -140,11 +185,11 @@ class _Switched:
             if self.gid != home.fsgid:
                 self._old_gid = lsys.setfsgid(self.gid)
                 if not home.sure and lsys.setfsgid(lsys.ID_UNCHANGED) != self.gid:
-                    raise FsError(errno.EPERM)
+                    raise FsError(errno.EINVAL if home.setid else errno.EPERM)
             if self.uid != home.fsuid:
                 self._old_uid = lsys.setfsuid(self.uid)
                 if not home.sure and lsys.setfsuid(lsys.ID_UNCHANGED) != self.uid:
-                    raise FsError(errno.EPERM)
+                    raise FsError(errno.EINVAL if home.setid else errno.EPERM)
             if home.fsuid == 0 and self.uid != 0:
                 self._caps = True  # the kernel dropped the fs capabilities
                 if home.switched is not None and not self.strict:
@@ -193,11 +238,17 @@ def caller_creds(ctx: Context, *, strict: bool = False) -> _Switched | _Unchange
     ``ctx.supp_groups`` (host ids) become the supplementary groups for the
     block.  Unless ``strict``, DAC checks stay the guest kernel's (see the
     module doc).  EPERM if the switch does not take (no CAP_SETUID/SETGID),
-    EINVAL for the id ``(uid_t)-1``.  The daemon's ids, capabilities and
+    EINVAL for the id ``(uid_t)-1`` and for an id the user namespace does
+    not map.  The daemon's ids, capabilities and
     groups always come back, whatever the block raises.  A caller with the
     daemon's own ids and no extra groups switches nothing.
     """
     home = _read_home()
-    if ctx.uid == home.fsuid and ctx.gid == home.fsgid and not ctx.supp_groups:
+    uid, gid = ctx.uid, ctx.gid
+    groups = ctx.supp_groups if home.groups_ok else ()
+    if home.root_is_self:
+        uid = home.fsuid if uid == 0 else uid
+        gid = home.fsgid if gid == 0 else gid
+    if uid == home.fsuid and gid == home.fsgid and not groups:
         return _UNCHANGED
-    return _Switched(ctx.uid, ctx.gid, ctx.supp_groups, strict)
+    return _Switched(uid, gid, groups, strict)
