@@ -21,7 +21,17 @@ from shardfs.abi.vhost_user import ProtocolFeature
 from shardfs.abi.virtio import VIRTIO_FS_TAG_MAX
 
 CACHE_POLICIES = ("never", "metadata", "auto", "always")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+#: virtiofsd's level names, plus "warning" (shardfs's older spelling of "warn").
+LOG_LEVELS = ("error", "warn", "warning", "info", "debug", "trace", "off")
+#: virtiofsd's ``--inode-file-handles`` values (see README "Using shardfs in place of virtiofsd").
+INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
+#: virtiofsd's ``--migration-mode`` and ``--migration-on-error`` values.
+MIGRATION_MODES = ("find-paths", "file-handles")
+MIGRATION_ON_ERROR = ("abort", "guest-error")
+#: One user-namespace id range: (id inside, id outside, count), as /proc/PID/uid_map.
+NsRange = tuple[int, int, int]
+#: Ids are 32-bit; (u32)-1 is "no id" and is never mapped.
+MAX_ID = 0xFFFF_FFFE
 #: shardfs.sandbox.SANDBOX_MODES and SECCOMP_MODES (config sits below sandbox).
 SANDBOX_MODES = ("namespace", "chroot", "none")
 SECCOMP_MODES = ("kill", "log", "none")
@@ -41,6 +51,8 @@ MAX_DAX_WINDOW = 1 << 40
 DEFAULT_SHMEM_BIT = ProtocolFeature.SHMEM
 MIN_SHMEM_BIT = ProtocolFeature.DEVICE_STATE + 1
 MAX_SHMEM_BIT = 63
+#: A cache timeout longer than a year is a typo.
+MAX_TIMEOUT_S = 365 * 86400.0
 
 
 class ConfigError(Exception):
@@ -56,7 +68,8 @@ class Config:
     num_request_queues: int = 1
     cache: str = "auto"
     writeback: bool = False
-    xattr: bool = True
+    #: Off by default, as virtiofsd: a launcher that passes no --xattr gets none.
+    xattr: bool = False
     log_level: str = "info"
     once: bool = False
     #: Adaptive polling: microseconds a worker watches its rings before sleeping.
@@ -93,12 +106,45 @@ class Config:
     dax_window: int = 0
     #: Which protocol feature bit means SHMEM (see DEFAULT_SHMEM_BIT).
     shmem_bit: int = DEFAULT_SHMEM_BIT
+    # --- virtiofsd options (shardfs.compat) -------------------------------------------
+    #: User-namespace id maps (--uid-map/--gid-map ":inside:outside:count:"), applied
+    #: with newuidmap/newgidmap when an unprivileged user runs the namespace sandbox.
+    uid_map: tuple[NsRange, ...] = ()
+    gid_map: tuple[NsRange, ...] = ()
+    #: RLIMIT_NOFILE to set (soft and hard) before forking; 0 leaves it unchanged;
+    #: None is virtiofsd's default, min(1,000,000, fs.nr_open) where permitted.
+    rlimit_nofile: int | None = None
+    #: Accepted for virtiofsd's command line; shardfs has no thread pool (requests
+    #: run in one process per queue), so this does not change what the guest sees.
+    thread_pool_size: int = 0
+    #: virtiofsd's capability edits for the sandboxed processes, e.g. "+sys_admin:-chown".
+    modcaps: str | None = None
+    #: never | prefer | mandatory (virtiofsd's --inode-file-handles).
+    inode_file_handles: str = "never"
+    #: Tell the guest which directories are mount points (FUSE_SUBMOUNTS), as virtiofsd.
+    announce_submounts: bool = True
+    #: Offer READDIRPLUS (virtiofsd's --no-readdirplus turns it off).
+    readdirplus: bool = True
+    #: Let the guest mmap files under cache=never/metadata (FUSE_DIRECT_IO_ALLOW_MMAP).
+    allow_mmap: bool = False
+    #: Keep a guest's O_NOATIME on host opens (virtiofsd strips it unless asked).
+    preserve_noatime: bool = False
+    #: Entry and attr timeout overriding the cache policy's (the C virtiofsd's -o timeout=).
+    cache_timeout_s: float | None = None
+    #: Live-migration settings (virtiofsd's names); see README "Migration".
+    migration_mode: str = "find-paths"
+    migration_on_error: str = "abort"
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
 
     def validate(self) -> Config:
         if self.socket_path is None and self.fd is None:
             raise ConfigError("config: socket_path: set socket_path or fd")
         if self.socket_path is not None and self.fd is not None:
             raise ConfigError("config: fd: give socket_path or fd, not both")
+        if self.fd is not None and self.socket_group is not None:
+            raise ConfigError("config: socket_group: not with fd (whoever passes the fd "
+                              "owns the socket's permissions), as virtiofsd")
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"config: fd: must be a non-negative fd number, got {self.fd}")
         if not self.shared_dir:
@@ -146,6 +192,8 @@ class Config:
                 raise ConfigError(f"config: {name}: must be at least 16")
         if self.posix_acl and not self.xattr:
             raise ConfigError("config: posix_acl: needs xattr = true (ACLs are xattrs)")
+        if self.security_label and not self.xattr:
+            raise ConfigError("config: security_label: needs xattr = true (labels are xattrs)")
         if self.xattrmap is not None and not self.xattr:
             raise ConfigError("config: xattrmap: needs xattr = true")
         for name in ("translate_uid", "translate_gid", "xattrmap"):
@@ -157,16 +205,59 @@ class Config:
             raise ConfigError(f"config: dax_window: must be 0 (off) or a multiple of "
                               f"{DAX_WINDOW_UNIT} bytes up to {MAX_DAX_WINDOW}, "
                               f"got {self.dax_window}")
+        self._validate_virtiofsd_options()
         if not MIN_SHMEM_BIT <= self.shmem_bit <= MAX_SHMEM_BIT:
             raise ConfigError(f"config: shmem_bit: must be between {MIN_SHMEM_BIT} and "
                               f"{MAX_SHMEM_BIT}, got {self.shmem_bit}")
         return self
 
-    def status_socket(self) -> str | None:
-        """Where the status socket lives: ``stats_socket``, or next to ``socket_path``."""
+    def _validate_virtiofsd_options(self) -> None:
+        for name, ranges in (("uid_map", self.uid_map), ("gid_map", self.gid_map)):
+            check_ns_ranges(name, ranges)
+        if self.rlimit_nofile is not None and self.rlimit_nofile < 0:
+            raise ConfigError(f"config: rlimit_nofile: must be 0 (unchanged) or a positive "
+                              f"number of fds, got {self.rlimit_nofile}")
+        if self.thread_pool_size < 0:
+            raise ConfigError(f"config: thread_pool_size: must be 0 or more, "
+                              f"got {self.thread_pool_size}")
+        choices: tuple[tuple[str, tuple[str, ...]], ...] = (
+            ("inode_file_handles", INODE_FILE_HANDLES), ("migration_mode", MIGRATION_MODES),
+            ("migration_on_error", MIGRATION_ON_ERROR))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config: {name}: must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.cache_timeout_s is not None and not 0 <= self.cache_timeout_s <= MAX_TIMEOUT_S:
+            raise ConfigError(f"config: cache_timeout_s: must be between 0 and "
+                              f"{MAX_TIMEOUT_S:.0f} seconds, got {self.cache_timeout_s}")
+        if self.posix_acl and (self.translate_uid or self.translate_gid):
+            # As virtiofsd: ACL entries name host ids the translation would not rewrite.
+            raise ConfigError("config: posix_acl: cannot be combined with translate_uid or "
+                              "translate_gid (ACL entries would keep untranslated ids)")
+
+    def status_socket(self) -> str:
+        """Where the status socket lives: ``stats_socket``, next to ``socket_path``, or
+        for a daemon handed its socket by ``fd`` alone, :func:`default_stats_socket`."""
         if self.stats_socket:
             return self.stats_socket
-        return f"{self.socket_path}.stats" if self.socket_path else None
+        if self.socket_path:
+            return f"{self.socket_path}.stats"
+        return default_stats_socket(os.getpid())
+
+
+def runtime_dir() -> str:
+    """``/run/shardfs`` for root; ``$XDG_RUNTIME_DIR/shardfs``, else ``/tmp/shardfs-UID``,
+    for a user (the daemon makes it mode 0700 and refuses one it does not own)."""
+    if os.geteuid() == 0:
+        return "/run/shardfs"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "shardfs") if xdg else f"/tmp/shardfs-{os.geteuid()}"
+
+
+def default_stats_socket(pid: int) -> str:
+    """The status socket of the daemon whose supervisor is ``pid``, when it has no
+    socket path to sit beside (``--fd`` from libvirt or Kata)."""
+    return os.path.join(runtime_dir(), f"stats-{pid}.sock")
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -179,7 +270,49 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "readonly": (bool,), "translate_uid": (str,), "translate_gid": (str,), "xattrmap": (str,),
     "posix_acl": (bool,), "killpriv_v2": (bool,), "security_label": (bool,),
     "allow_direct_io": (bool,), "dax_window": (int,), "shmem_bit": (int,),
+    "uid_map": (list,), "gid_map": (list,), "rlimit_nofile": (int,), "thread_pool_size": (int,),
+    "modcaps": (str,), "inode_file_handles": (str,), "announce_submounts": (bool,),
+    "readdirplus": (bool,), "allow_mmap": (bool,), "preserve_noatime": (bool,),
+    "cache_timeout_s": (float, int), "migration_mode": (str,), "migration_on_error": (str,),
+    "migration_verify_handles": (bool,), "migration_confirm_paths": (bool,),
 }
+
+
+def parse_ns_range(text: str) -> NsRange:
+    """One virtiofsd ``--uid-map`` value, ``:inside:outside:count:``; ValueError if bad.
+
+    The delimiter is the first character, as in virtiofsd (``:`` in practice),
+    and the value must end with it.
+    """
+    if len(text) < 2 or text[-1] != text[0]:
+        raise ValueError(f"{text!r} is not of the form :inside:outside:count:")
+    parts = text[1:-1].split(text[0])
+    if len(parts) != 3:
+        raise ValueError(f"{text!r} is not of the form :inside:outside:count:")
+    try:
+        inside, outside, count = (int(p, 10) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r}: ids and count must be decimal numbers") from None
+    return inside, outside, count
+
+
+def check_ns_ranges(name: str, ranges: tuple[NsRange, ...]) -> None:
+    """Each range within 32-bit ids and non-empty; no two overlapping inside or outside.
+
+    The kernel refuses overlapping extents in ``uid_map`` (user_namespaces(7));
+    catching it here names the field instead of failing in newuidmap.
+    """
+    seen: list[NsRange] = []
+    for inside, outside, count in ranges:
+        if count < 1 or min(inside, outside) < 0 or max(inside, outside) + count - 1 > MAX_ID:
+            raise ConfigError(f"config: {name}: range :{inside}:{outside}:{count}: is empty or "
+                              f"beyond the 32-bit ids")
+        for i2, o2, c2 in seen:
+            if (inside < i2 + c2 and i2 < inside + count
+                    or outside < o2 + c2 and o2 < outside + count):
+                raise ConfigError(f"config: {name}: range :{inside}:{outside}:{count}: overlaps "
+                                  f":{i2}:{o2}:{c2}:")
+        seen.append((inside, outside, count))
 
 
 def coerce(name: str, value: Any, source: str = "config", from_cli: bool = False) -> Any:
@@ -187,6 +320,15 @@ def coerce(name: str, value: Any, source: str = "config", from_cli: bool = False
     if name not in FIELDS:
         raise ConfigError(f"{source}: {name}: unknown field")
     types = _TYPES[name]
+    if types[0] is list:
+        return _coerce_ns_ranges(name, value, source)
+    if types[0] is float and isinstance(value, str) and from_cli:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {name}: expected a number, got {value!r}") from None
+    if types[0] is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     if from_cli and isinstance(value, str) and types[0] is not str:
         if types[0] is bool:
             if value.lower() in ("1", "true", "yes", "on"):
@@ -205,9 +347,24 @@ def coerce(name: str, value: Any, source: str = "config", from_cli: bool = False
     return value
 
 
+def _coerce_ns_ranges(name: str, value: Any, source: str) -> tuple[NsRange, ...]:
+    """A list of ``:inside:outside:count:`` strings (TOML, or repeated flags)."""
+    if isinstance(value, tuple) and all(isinstance(r, tuple) for r in value):
+        return value
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{source}: {name}: expected a list of \":inside:outside:count:\" "
+                          f"strings, got {value!r}")
+    try:
+        return tuple(parse_ns_range(i) for i in items)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {name}: {e}") from None
+
+
 def load(path: str | None, overrides: dict[str, Any]) -> Config:
     """Read ``path`` (if any), apply ``overrides`` (already coerced), validate."""
     cfg = Config()
+    explicit: set[str] = set()
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -224,6 +381,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"config {path}: {key}: unknown field (settings go in [shardfs])")
         for key, value in section.items():
             setattr(cfg, key, coerce(key, value, f"config {path}"))
+            explicit.add(key)
     # The two ways to get a socket exclude each other: a flag picks one.
     if "fd" in overrides:
         cfg.socket_path = None
@@ -231,4 +389,9 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
         cfg.fd = None
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    explicit.update(overrides)
+    # As virtiofsd: --posix-acl and --security-label imply --xattr, unless xattrs
+    # were turned off by name (then validate() says the two conflict).
+    if (cfg.posix_acl or cfg.security_label) and "xattr" not in explicit:
+        cfg.xattr = True
     return cfg.validate()

@@ -30,6 +30,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -705,8 +706,15 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 def open_status_socket(cfg: Config) -> socket.socket | None:
     """The status socket ``shardfs stats`` reads; None when there is no path for it."""
     path = cfg.status_socket()
-    if path is None:
-        return None
+    parent = os.path.dirname(path)
+    if parent and not cfg.stats_socket and not cfg.socket_path:
+        # The default place (--fd alone): a directory of our own, never one that
+        # someone else made for us in /tmp.
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            log.warning("no status socket: %s is not a directory of this user", parent)
+            return None
     try:
         os.unlink(path)
     except FileNotFoundError:

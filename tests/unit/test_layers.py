@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "shardfs"
 
 ALL = frozenset({"abi", "codec", "virtq", "fs", "dispatch", "proc", "config", "cli",
-                 "__main__", "testing", "__init__", "sandbox"})
+                 "__main__", "testing", "__init__", "sandbox", "compat"})
 #: layer -> the shardfs layers it may import.  A layer may always import itself.
 ALLOWED: dict[str, frozenset[str]] = {
     "abi": frozenset(),
@@ -25,6 +25,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "dispatch": frozenset({"abi", "virtq", "fs"}),
     "config": frozenset({"abi"}),
     "sandbox": frozenset({"abi"}),  # Linux calls only; proc applies it
+    "compat": frozenset({"abi", "config"}),  # argv -> Config overrides, nothing more
     "proc": ALL - {"testing"},
     "cli": ALL - {"testing"},
     "__main__": frozenset({"cli"}),
