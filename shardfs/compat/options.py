@@ -43,24 +43,32 @@ class Option:
     help: str
     origin: str = VIRTIOFSD
     effect: str = ""
+    #: How the value is shown in --help and the README.
+    metavar: str = "VALUE"
+    #: The default as the README shows it, when the Config default does not say it.
+    default_text: str = ""
 
 
 OPTIONS: tuple[Option, ...] = (
     # -- the socket and the share ---------------------------------------------------------
-    Option("--shared-dir", "shared_dir", "value", "host directory to share"),
+    Option("--shared-dir", "shared_dir", "value", "host directory to share", metavar="DIR"),
     Option("--tag", "tag", "value", "mount tag advertised through the vhost-user CONFIG "
-           "feature"),
-    Option("--socket-path", "socket_path", "value", "vhost-user Unix socket to listen on"),
+           "feature", metavar="TAG"),
+    Option("--socket-path", "socket_path", "value", "vhost-user Unix socket to listen on",
+           metavar="PATH"),
     Option("--socket-group", "socket_group", "value",
-           "group allowed to connect to the socket (mode 0660)"),
+           "group allowed to connect to the socket (mode 0660)", metavar="GROUP"),
     Option("--fd", "fd", "value", "an already listening Unix socket fd (from libvirt, Kata)",
            effect="with no socket path the stats socket is "
-           "/run/shardfs/stats-PID.sock (root) or $XDG_RUNTIME_DIR/shardfs/stats-PID.sock"),
+           "/run/shardfs/stats-PID.sock (root) or $XDG_RUNTIME_DIR/shardfs/stats-PID.sock",
+           metavar="FD"),
     # -- semantics --------------------------------------------------------------------------
-    Option("--cache", "cache", "value", "caching policy: auto | always | never | metadata"),
+    Option("--cache", "cache", "value", "caching policy: auto | always | never | metadata",
+           metavar="POLICY"),
     Option("--xattr", "xattr", "flag", "serve extended attributes (off by default)"),
     Option("--posix-acl", "posix_acl", "flag", "POSIX ACLs (implies --xattr)"),
-    Option("--xattrmap", "xattrmap", "value", "xattr name rules, virtiofsd syntax"),
+    Option("--xattrmap", "xattrmap", "value", "xattr name rules, virtiofsd syntax",
+           metavar="RULES"),
     Option("--security-label", "security_label", "flag",
            "label new inodes with the guest's security context (implies --xattr)"),
     Option("--readonly", "readonly", "flag", "refuse every modification with EROFS"),
@@ -82,64 +90,74 @@ OPTIONS: tuple[Option, ...] = (
            effect="shardfs always records a file handle with each node, because "
            "workers on other queues reopen nodes by handle; never and prefer keep an O_PATH "
            "fd per node too (never is served as prefer), mandatory refuses a share "
-           "whose filesystem has no file handles"),
+           "whose filesystem has no file handles", metavar="WHEN"),
     Option("--translate-uid", "translate_uid", "list",
-           "guest<->host uid translation, e.g. map:1000:5000:10 (repeatable)"),
+           "guest<->host uid translation, e.g. map:1000:5000:10 (repeatable)", metavar="RULE"),
     Option("--translate-gid", "translate_gid", "list",
-           "guest<->host gid translation (repeatable)"),
+           "guest<->host gid translation (repeatable)", metavar="RULE"),
     # -- sandbox and limits -----------------------------------------------------------------
-    Option("--sandbox", "sandbox", "value", "namespace | chroot | none"),
+    Option("--sandbox", "sandbox", "value", "namespace | chroot | none", metavar="MODE"),
     Option("--seccomp", "seccomp", "value", "none | kill | log | trap",
            effect="trap is served as kill: the process ends on a call outside the list "
-           "(virtiofsd's trap handler logs the call, then exits too)"),
+           "(virtiofsd's trap handler logs the call, then exits too)", metavar="ACTION"),
     Option("--modcaps", "modcaps", "value", "modify the capabilities the sandboxed "
-           "processes keep, e.g. +sys_admin:-chown"),
+           "processes keep, e.g. +sys_admin:-chown", metavar="CAPS"),
     Option("--uid-map", "uid_map", "list",
-           "user-namespace uid range :inside:outside:count: (repeatable)"),
+           "user-namespace uid range :inside:outside:count: (repeatable)", metavar=":IN:OUT:N:"),
     Option("--gid-map", "gid_map", "list",
-           "user-namespace gid range :inside:outside:count: (repeatable)"),
+           "user-namespace gid range :inside:outside:count: (repeatable)", metavar=":IN:OUT:N:"),
     Option("--rlimit-nofile", "rlimit_nofile", "value",
-           "RLIMIT_NOFILE to set; 0 leaves it unchanged"),
+           "RLIMIT_NOFILE to set; 0 leaves it unchanged",
+           default_text="min(1,000,000, fs.nr_open) where permitted, else the hard limit",
+           metavar="N"),
     Option("--thread-pool-size", "thread_pool_size", "value",
            "accepted for compatibility; shardfs has no thread pool",
            effect="accepted and has no effect: shardfs serves each request queue in its own "
-           "process, requests on a queue in order; scale with --num-request-queues"),
+           "process, requests on a queue in order; scale with --num-request-queues", metavar="N"),
     # -- logging ----------------------------------------------------------------------------
     Option("--log-level", "log_level", "value", "error | warn | info | debug | trace | off",
-           effect="trace logs as debug"),
+           effect="trace logs as debug", metavar="LEVEL"),
     # -- migration (accepted; see README "Migration") ------------------------------------
     Option("--migration-mode", "migration_mode", "value", "find-paths | file-handles",
            effect="accepted; shardfs does not offer migration yet, so QEMU refuses to "
-           "migrate and the setting is never used"),
+           "migrate and the setting is never used", metavar="MODE"),
     Option("--migration-on-error", "migration_on_error", "value", "abort | guest-error",
-           effect="as --migration-mode"),
+           effect="as --migration-mode", metavar="ACTION"),
     Option("--migration-verify-handles", "migration_verify_handles", "flag",
            "check file handles on the destination", effect="as --migration-mode"),
     Option("--migration-confirm-paths", "migration_confirm_paths", "flag",
            "re-check paths at switch-over", effect="as --migration-mode"),
     # -- shardfs's own ----------------------------------------------------------------------
     Option("--num-request-queues", "num_request_queues", "value",
-           "request queues, one worker process each", SHARDFS),
+           "request queues, one worker process each", SHARDFS, metavar="N"),
     Option("--once", "once", "flag", "exit when the frontend disconnects", SHARDFS),
     Option("--poll-us", "poll_us", "value",
-           "microseconds a worker watches its rings before sleeping (50)", SHARDFS),
-    Option("--stats-socket", "stats_socket", "value", "status socket path", SHARDFS),
-    Option("--log-target", "log_target", "value", "stderr | syslog", SHARDFS),
+           "microseconds a worker watches its rings before sleeping (50)", SHARDFS, metavar="US"),
+    Option("--stats-socket", "stats_socket", "value", "status socket path", SHARDFS,
+           metavar="PATH"),
+    Option("--log-target", "log_target", "value", "stderr | syslog", SHARDFS, metavar="TARGET"),
     Option("--dax-window", "dax_window", "value",
-           "bytes of the DAX window, a multiple of 2 MiB (0 = off)", SHARDFS),
+           "bytes of the DAX window, a multiple of 2 MiB (0 = off)", SHARDFS, metavar="BYTES"),
     Option("--shmem-bit", "shmem_bit", "value",
-           "protocol feature bit of vhost-user SHMEM: 21 or 22", SHARDFS),
-    Option("--max-nodes", "max_nodes", "value", "node budget per worker", SHARDFS),
-    Option("--max-handles", "max_handles", "value", "open file budget per worker", SHARDFS),
+           "protocol feature bit of vhost-user SHMEM: 21 or 22", SHARDFS, metavar="BIT"),
+    Option("--max-nodes", "max_nodes", "value", "node budget per worker", SHARDFS, metavar="N"),
+    Option("--max-handles", "max_handles", "value", "open file budget per worker", SHARDFS,
+           metavar="N"),
     Option("--cache-timeout-s", "cache_timeout_s", "value",
-           "entry and attr timeout overriding the cache policy's (seconds)", SHARDFS),
+           "entry and attr timeout overriding the cache policy's (seconds)", SHARDFS,
+           metavar="SECONDS"),
 )
 
 #: Flags with a fixed meaning that set no single field (handled by the parser).
 SPECIAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--socket", "virtiofsd", "deprecated name of --socket-path"),
     ("--syslog", "virtiofsd", "log to syslog instead of stderr"),
-    ("-o", "virtiofsd", "the legacy option list (see shardfs.compat.legacy)"),
+    ("-o", "virtiofsd", "the legacy list: source=DIR, cache=none|auto|always|metadata, "
+     "sandbox=, modcaps=, xattrmap=, [no_]xattr, [no_]posix_acl, [no_]security_label, "
+     "[no_]writeback, [no_]readdirplus, announce_submounts, [no_]allow_direct_io, "
+     "[no_]killpriv_v2, no_flock, no_posix_lock; also the C daemon's log_level=, timeout= "
+     "(entry and attr timeout), norace, debug, vhost_user_socket=; flock and posix_lock "
+     "are refused"),
     ("-d", "virtiofsd", "deprecated: --log-level debug"),
     ("-f", "virtiofsd", "deprecated, no effect (shardfs never daemonizes)"),
     ("--print-capabilities", "virtiofsd", "print the vhost-user backend JSON and exit"),

@@ -89,11 +89,13 @@ def _add(p: argparse.ArgumentParser, opt: Option) -> None:
         p.add_argument("--no-" + opt.flag[2:], dest=opt.field, action="store_const",
                        const="false", help=argparse.SUPPRESS)
     elif opt.kind == "list":
-        p.add_argument(opt.flag, dest=opt.field, action="append", help=opt.help)
+        p.add_argument(opt.flag, dest=opt.field, action="append", metavar=opt.metavar,
+                       help=opt.help)
     elif opt.field == "inode_file_handles":
-        p.add_argument(opt.flag, dest=opt.field, nargs="?", const="prefer", help=opt.help)
+        p.add_argument(opt.flag, dest=opt.field, nargs="?", const="prefer",
+                       metavar=opt.metavar, help=opt.help)
     else:
-        p.add_argument(opt.flag, dest=opt.field, help=opt.help)
+        p.add_argument(opt.flag, dest=opt.field, metavar=opt.metavar, help=opt.help)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -441,6 +441,9 @@ class ShardfsDaemon:
             "--tag", tag,
             "--num-request-queues", str(num_request_queues),
             "--log-level", log_level,
+            # The workloads copy and check xattrs (cp -a, stress-ng); xattrs are off
+            # unless asked for, as in virtiofsd, and later arguments may turn them off.
+            "--xattr",
             *shlex.split(os.environ.get("SHARDFS_E2E_DAEMON_ARGS", "")),
             *extra_args,
         ]

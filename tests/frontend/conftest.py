@@ -27,7 +27,10 @@ class Daemon:
         self.queues = queues
         self.args = [sys.executable, "-m", "shardfs", "--socket-path", self.socket,
                      "--shared-dir", str(self.shared),
-                     "--num-request-queues", str(queues), "--log-level", "debug", *extra]
+                     "--num-request-queues", str(queues), "--log-level", "debug",
+                     # Most suites test xattrs; virtiofsd's default (off) is tested by
+                     # name (test_virtiofsd_options), and extra flags come later and win.
+                     "--xattr", *extra]
         if tag is not None:
             self.args += ["--tag", tag]
         self.log = open(self.log_path, "w")

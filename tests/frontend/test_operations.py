@@ -77,9 +77,28 @@ def test_unknown_socket_group_is_a_one_line_error(tmp_path: Path) -> None:
     assert out.stderr.strip().count("\n") == 0 and "socket_group" in out.stderr
 
 
+def test_vhost_user_json_names_this_checkout_and_yields_to_virtiofsd(tmp_path: Path) -> None:
+    """libvirt takes the first "fs" JSON by file name: by default shardfs sorts after
+    Debian's 50-virtiofsd.json, with --prefer before it; the binary is runnable."""
+    script = REPO / "scripts" / "install-vhost-user-json"
+    out = subprocess.run([script, "--dir", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(tmp_path / "90-shardfs.json")
+    desc = json.loads(Path(out).read_text())
+    assert desc["type"] == "fs" and desc["binary"] == str(REPO / "scripts" / "shardfs")
+    assert sorted(["50-virtiofsd.json", Path(out).name])[0] == "50-virtiofsd.json"
+    caps = subprocess.run([desc["binary"], "--print-capabilities"], capture_output=True,
+                          text=True, check=True, timeout=300).stdout
+    assert "separate-options" in json.loads(caps)["features"]
+    out = subprocess.run([script, "--dir", str(tmp_path), "--prefer"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10-shardfs.json"]
+    assert sorted(["50-virtiofsd.json", Path(out).name])[0] == "10-shardfs.json"
+    subprocess.run([script, "--dir", str(tmp_path), "--remove"], check=True)
+    assert not list(tmp_path.iterdir())
+
+
 def test_shipped_config_files_parse() -> None:
-    desc = json.loads((REPO / "config" / "50-shardfs.json").read_text())
-    assert desc["type"] == "fs" and desc["binary"].endswith("scripts/shardfs")
     cfg = tomllib.loads((REPO / "config" / "shardfs.toml").read_text())["shardfs"]
     assert cfg["num_request_queues"] == 1
     unit = (REPO / "config" / "shardfs.service").read_text()

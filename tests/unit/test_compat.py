@@ -297,3 +297,11 @@ def test_help_lists_virtiofsd_options() -> None:
                          text=True, check=True).stdout
     for flag in ("--thread-pool-size", "--uid-map", "--inode-file-handles", "--shared-dir"):
         assert flag in out
+
+
+def test_readme_option_table_is_the_generated_one() -> None:
+    """The README's table is ``python -m shardfs.compat.table``: regenerate it when an
+    option changes."""
+    from shardfs.compat.table import markdown_table
+
+    assert markdown_table() in (REPO / "README.md").read_text()
