@@ -148,7 +148,8 @@ class RootlessDaemon:
     ``wait`` waits for "serving"; otherwise call :meth:`wait_exit`.
     """
 
-    def __init__(self, account: Account, *extra: str, wait: bool = True) -> None:
+    def __init__(self, account: Account, *extra: str, wait: bool = True,
+                 log_level: str = "debug") -> None:
         self.account = account
         self.dir = Path(tempfile.mkdtemp(prefix="shardfs-rootless-"))
         self.shared = self.dir / "shared"
@@ -159,7 +160,7 @@ class RootlessDaemon:
         self.log_path = self.dir / "daemon.log"
         self.args = [*as_user(account), user_python(account), "-m", "shardfs",
                      "--socket-path", self.socket, "--shared-dir", str(self.shared),
-                     "--log-level", "debug", *extra]
+                     "--log-level", log_level, *extra]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir)
