@@ -560,8 +560,7 @@ class Supervisor:
         try:
             policy = SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp)
             # Non-root: a user namespace first (sandbox.userns), then the IPC one.
-            enter_user_namespace(policy, getattr(self.cfg, "uid_map", ()),
-                                 getattr(self.cfg, "gid_map", ()),
+            enter_user_namespace(policy, self.cfg.uid_map, self.cfg.gid_map,
                                  queues=self.cfg.num_request_queues,
                                  dax=bool(self.cfg.dax_window))
             isolate_daemon(policy)
