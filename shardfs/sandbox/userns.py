@@ -53,8 +53,10 @@ can be switched to, virtiofsd's own rule).
   CAP_SYS_ADMIN over the mount, which a confined worker has dropped).
   Workers share nodes by file handle (``fs.passthrough.shared``), so a
   worker could not open what another one looked up; rather than answering
-  the guest ESTALE, a rootless daemon serves one request queue
-  (``num_request_queues = 1``, the default).  For the same reason DAX (the
+  the guest EPERM or ESTALE, a rootless daemon serves one request queue
+  (``num_request_queues = 1``, the default).  The same holds for a
+  non-root daemon with ``sandbox = none``, unless it holds
+  CAP_DAC_READ_SEARCH (e.g. as an ambient capability).  For the same reason DAX (the
   coordinator maps files by handle) is refused, and a worker that is
   restarted after a crash answers EPERM for the nodes its predecessor
   looked up.
@@ -71,6 +73,7 @@ import os
 import shutil
 import subprocess
 
+from shardfs.abi.capability import CAP_DAC_READ_SEARCH
 from shardfs.sandbox import linux
 
 #: One ``(inside, outside, count)`` line of a uid or gid map.
@@ -104,19 +107,26 @@ def refusal(mode: str, uid_map: IdMap, gid_map: IdMap, *, queues: int,
         if given and (root or mode != "namespace"):
             return (f"{name}: only for a non-root user with sandbox = namespace "
                     "(it maps ids into the daemon's user namespace)")
+    # Capabilities inside a user namespace do not count for open_by_handle_at(2).
+    by_handle = root if mode == "namespace" else root or _host_cap(CAP_DAC_READ_SEARCH)
+    if not by_handle and queues > 1:
+        return (f"num_request_queues: {queues}, but a non-root daemon serves 1 (workers share "
+                "nodes by file handle, and open_by_handle_at(2) needs CAP_DAC_READ_SEARCH in "
+                "the host's user namespace)")
+    if not by_handle and dax:
+        return ("dax_window: DAX needs root (the coordinator opens files by handle, and "
+                "open_by_handle_at(2) needs CAP_DAC_READ_SEARCH in the host's user namespace)")
     if root or mode != "namespace":
         return None
-    if queues > 1:
-        return (f"num_request_queues: {queues}, but a non-root daemon serves 1: workers share "
-                "nodes by file handle, and open_by_handle_at(2) needs CAP_DAC_READ_SEARCH in "
-                "the host's user namespace")
-    if dax:
-        return ("dax_window: DAX needs root: the coordinator opens files by handle, and "
-                "open_by_handle_at(2) needs CAP_DAC_READ_SEARCH in the host's user namespace")
     for name, given, tool in (("uid_map", uid_map, NEWUIDMAP), ("gid_map", gid_map, NEWGIDMAP)):
         if given and shutil.which(tool) is None:
             return f"{name}: {tool} is not installed (Debian package uidmap)"
     return None
+
+
+def _host_cap(cap: int) -> bool:
+    """Whether ``cap`` is effective now (called before any user namespace is entered)."""
+    return bool(linux.capget()[0] >> cap & 1)
 
 
 def format_map(ranges: IdMap) -> str:

@@ -97,7 +97,8 @@ def test_non_root_refusals_name_the_field(account: Account) -> None:
             "dax": userns.refusal("namespace", (), (), queues=1, dax=True),
             "map_none": userns.refusal("none", (), ((0, 1, 1),), queues=1, dax=False),
             "fine": userns.refusal("namespace", ((0, 1, 1),), (), queues=1, dax=False),
-            "none": userns.refusal("none", (), (), queues=8, dax=True),
+            "none": userns.refusal("none", (), (), queues=1, dax=False),
+            "none_queues": userns.refusal("none", (), (), queues=8, dax=False),
             "wanted": str(userns.wanted("namespace")),
         }
 
@@ -106,6 +107,7 @@ def test_non_root_refusals_name_the_field(account: Account) -> None:
     assert out["queues"].startswith("num_request_queues: 2")
     assert out["dax"].startswith("dax_window: ")
     assert out["map_none"].startswith("gid_map: only for a non-root user")
+    assert out["none_queues"].startswith("num_request_queues: 8")
     assert out["fine"] is None and out["none"] is None and out["wanted"] == "True"
     for text in out.values():
         assert text is None or "\n" not in text
