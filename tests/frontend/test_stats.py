@@ -70,3 +70,48 @@ def test_stats_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
                           str(tmp_path / "none")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "none" in out.stderr
+
+
+def test_a_daemon_given_only_an_fd_still_has_a_stats_socket(tmp_path: Path) -> None:
+    """libvirt and Kata hand shardfs a listening fd and no path: the status socket is
+    then at the documented per-pid path, and ``shardfs stats --pid`` finds it."""
+    import socket
+    import time
+
+    from shardfs.config import default_stats_socket
+    from shardfs.testing.frontend import Frontend
+
+    path = str(tmp_path / "launcher.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fd = listener.fileno()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "shardfs", f"--fd={fd}", "--shared-dir",
+                             str(shared), "--sandbox", "none"], pass_fds=[fd], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    listener.close()
+    stats_path = default_stats_socket(proc.pid)
+    try:
+        deadline = time.monotonic() + 60
+        while "serving" not in (tmp_path / "daemon.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "daemon.log").read_text()
+            time.sleep(0.02)
+        assert os.path.exists(stats_path)
+        assert os.stat(os.path.dirname(stats_path)).st_mode & 0o077 == 0
+        with Frontend(path) as fe:
+            fe.start()
+            FuseClient(fe).init()
+            out = subprocess.run([sys.executable, "-m", "shardfs", "stats", "--pid",
+                                  str(proc.pid), "--format", "json"], capture_output=True,
+                                 text=True, cwd=REPO, check=True)
+            snap = json.loads(out.stdout)
+            assert {q["queue"]: q for q in snap["queues"]}[1]["requests"] == 1  # INIT
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+        log.close()
+    assert not os.path.exists(stats_path)
