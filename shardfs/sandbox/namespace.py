@@ -37,7 +37,13 @@ enters it, and the supervisor watches, signals and restarts its children by
 pid; a forking stage inside every worker is a change for the process tree,
 not the sandbox.  Without one, /proc is simply not mounted.
 
-Requires CAP_SYS_ADMIN (root) and Linux 5.2 (``open_tree``).
+Requires CAP_SYS_ADMIN in the process's user namespace and Linux 5.2
+(``open_tree``): root, or a non-root daemon inside the user namespace it
+made for itself (:mod:`shardfs.sandbox.userns`).  There the host's mounts
+are copied into a less privileged mount namespace, so their flags are
+locked: the final remounts keep MS_NOSUID, MS_NODEV and MS_NOEXEC (a
+remount that dropped them would be EPERM) and leave the atime flags as
+they are; the share itself is only ever bound, never remounted.
 """
 
 from __future__ import annotations

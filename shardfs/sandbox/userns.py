@@ -56,7 +56,11 @@ can be switched to, virtiofsd's own rule).
   the guest EPERM or ESTALE, a rootless daemon serves one request queue
   (``num_request_queues = 1``, the default).  The same holds for a
   non-root daemon with ``sandbox = none``, unless it holds
-  CAP_DAC_READ_SEARCH (e.g. as an ambient capability).  For the same reason DAX (the
+  CAP_DAC_READ_SEARCH (e.g. as an ambient capability).  Routes weighed and
+  left: pidfd_getfd(2) from the worker holding the fd needs that worker
+  dumpable, which every fsuid switch clears (commit_creds), plus Yama's
+  consent; passing fds over a socket needs the holder alive and answering,
+  which crash isolation rules out (``fs.passthrough.shared``).  For the same reason DAX (the
   coordinator maps files by handle) is refused, and a worker that is
   restarted after a crash answers EPERM for the nodes its predecessor
   looked up.
@@ -154,9 +158,11 @@ def _unshare() -> None:
     try:
         linux.unshare(linux.CLONE_NEWUSER)
     except OSError as e:
+        hint = (" (the process must be single-threaded)" if e.errno == errno.EINVAL else
+                " (user namespaces disabled or restricted for this user? see "
+                "user.max_user_namespaces; or use sandbox = none)")
         raise UsernsError(e.errno or errno.EPERM,
-                          f"sandbox namespace: unshare(CLONE_NEWUSER): {e.strerror} "
-                          "(user namespaces disabled? see user.max_user_namespaces)") from e
+                          f"sandbox namespace: unshare(CLONE_NEWUSER): {e.strerror}{hint}") from e
 
 
 def _map_self(uid: int, gid: int) -> None:
