@@ -45,6 +45,8 @@ SUBID_START, SUBID_COUNT = 524288, 65536
 DEPENDENCIES = ("multiprocess", "_multiprocess", "dill", "msgpack", "posix_ipc")
 START_TIMEOUT_S = 60.0
 KEEP = caps.mask(caps.PASSTHROUGH_CAPS)
+#: INIT flags without FUSE_SETXATTR_EXT: SETXATTR then has the 8-byte header.
+INIT_FLAGS = 0xFFFF_FFFF & ~F.FUSE_SETXATTR_EXT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes a user and switches to it")
 
@@ -239,7 +241,7 @@ def account() -> Account:
 
 
 def test_guest_root_is_the_invoking_user(account: Account) -> None:
-    d = RootlessDaemon(account)
+    d = RootlessDaemon(account, "--xattr")
     try:
         # Seen from the host: the daemon's tree lives in a user namespace of its own,
         # where the user is root, and the workers are confined inside it as root's are.
@@ -268,10 +270,14 @@ def test_guest_root_is_the_invoking_user(account: Account) -> None:
         with d.frontend() as fe:
             fe.start()
             c = FuseClient(fe)
-            c.init()
+            c.init(flags=INIT_FLAGS)
             entry, fh = c.create(1, b"made_by_root", mode=0o640)
             assert c.write(entry[0], fh, 0, b"from the guest's root") == 21
             c.release(entry[0], fh)
+            # xattrs go through the /proc/self/fd bind inside the sandbox.
+            c.ok(Op.FUSE_SETXATTR, entry[0], F.fuse_getxattr_in.pack(3, 0) + z(b"user.rl") + b"yes")
+            assert c.ok(Op.FUSE_GETXATTR, entry[0],
+                        F.fuse_getxattr_in.pack(64, 0) + z(b"user.rl")) == b"yes"
             c.mkdir(1, b"dir_by_root")
             c.ok(Op.FUSE_SYMLINK, 1, z(b"link_by_root") + z(b"made_by_root"))
             # Ids the namespace does not map: EINVAL, never a file of the wrong owner.
@@ -295,6 +301,7 @@ def test_guest_root_is_the_invoking_user(account: Account) -> None:
             st = os.lstat(d.shared / name)
             assert (st.st_uid, st.st_gid) == (account.uid, account.gid), name
         assert (d.shared / "made_by_root").read_bytes() == b"from the guest's root"
+        assert os.getxattr(d.shared / "made_by_root", "user.rl") == b"yes"
         assert not (d.shared / "by_1000").exists()
         assert (d.shared / "secret").stat().st_uid == 0
     finally:
