@@ -164,17 +164,23 @@ def test_credentials_inside_the_namespace(account: Account) -> None:
     def probe(umap: userns.IdMap, gmap: userns.IdMap) -> Callable[[], list[str]]:
         def run() -> list[str]:
             userns.enter(umap, gmap)
-            return [attempt(0, f"root{len(umap)}"), attempt(1000, f"u1000_{len(umap)}")]
+            return [attempt(0, f"root{len(umap)}"), attempt(1000, f"u1000_{len(umap)}"),
+                    attempt(2000, f"u2000_{len(umap)}")]
         return run
 
     try:
-        assert as_user(account, probe((), ())) == ["made", "EINVAL"]
+        assert as_user(account, probe((), ())) == ["made", "EINVAL", "EINVAL"]
         umap = ((0, account.uid, 1), (1, account.subuid, SUBID_COUNT))
         gmap = ((0, account.gid, 1), (1, account.subgid, SUBID_COUNT))
-        assert as_user(account, probe(umap, gmap)) == ["made", "made"]
+        assert as_user(account, probe(umap, gmap)) == ["made", "made", "made"]
+        # virtiofsd's own default map (the caller as itself, here as 1000): 0 is
+        # not mapped, and the guest's root is served as the daemon, as virtiofsd does.
+        own = (((1000, account.uid, 1),), ((1000, account.gid, 1),))
+        assert as_user(account, probe(*own)) == ["made", "made", "EINVAL"]
         owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in work.iterdir()}
-        assert owners == {"root0": (account.uid, account.gid),
-                          "root2": (account.uid, account.gid),
-                          "u1000_2": (account.subuid + 999, account.subgid + 999)}, owners
+        user = (account.uid, account.gid)
+        assert owners == {"root0": user, "root2": user, "root1": user, "u1000_1": user,
+                          "u1000_2": (account.subuid + 999, account.subgid + 999),
+                          "u2000_2": (account.subuid + 1999, account.subgid + 1999)}, owners
     finally:
         shutil.rmtree(work)

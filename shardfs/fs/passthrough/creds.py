@@ -51,9 +51,11 @@ the daemon holds CAP_SETUID/CAP_SETGID (the id is not mapped: what
 virtiofsd's setresuid(2) answers), EPERM otherwise.  With
 ``setgroups = deny`` (the namespace maps only the caller) a create's
 supplementary group cannot be set and is left out; the guest kernel has
-checked the caller's groups already.  A non-root daemon outside any user
-namespace (``sandbox = none``) cannot switch at all: like virtiofsd, it
-serves the guest's root (uid 0, gid 0) as itself, and other ids get EPERM.
+checked the caller's groups already.  A daemon that is not uid 0 and
+cannot become it (non-root with ``sandbox = none``, or a user namespace
+whose map leaves 0 out) serves the guest's root as itself, as virtiofsd
+never switches for uid 0; the same for gid 0.  Other ids then get EPERM
+(no CAP_SETUID) or EINVAL (not mapped).
 
 Side effects: ``setfsuid``/``setfsgid``/``capset`` act on the calling
 thread; ``setgroups`` (for the one supplementary group a create may carry)
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -95,9 +98,10 @@ class _Home:
     sure: bool
     #: setgroups(2) is allowed (not denied by a user namespace).
     groups_ok: bool
-    #: Without CAP_SETUID/SETGID and not root: the guest's root is served as
-    #: the daemon's own ids (see the module doc).
-    root_is_self: bool
+    #: The daemon is not uid (gid) 0 and cannot become it: the guest's root
+    #: is served as the daemon's own uid (gid) (see the module doc).
+    root_uid_self: bool
+    root_gid_self: bool
 
 
 _home: _Home | None = None
@@ -131,7 +135,8 @@ def _read_home() -> _Home:
             groups_ok = True
         except OSError:
             groups_ok = False
-        root_is_self = not setid and fsuid != 0
+        root_uid_self = fsuid != 0 and not _takes(lsys.setfsuid, 0)
+        root_gid_self = fsgid != 0 and not _takes(lsys.setfsgid, 0)
         if caps is not None and fsuid == 0:
             if _guest_dac:
                 eff = (caps.effective & ~capability.CAP_FS_MASK) | (caps.permitted & KEEP_DAC_MASK)
@@ -140,7 +145,7 @@ def _read_home() -> _Home:
             if caps.effective & capability.CAP_FS_MASK != caps.permitted & capability.CAP_FS_MASK:
                 restore = lsys.PreparedCaps(caps)
         _home = _Home(fsuid, fsgid, groups, switched, restore, setid, sure, groups_ok,
-                      root_is_self)
+                      root_uid_self, root_gid_self)
     return _home
 
 
@@ -148,15 +153,18 @@ def _read_home() -> _Home:
 _PROBE_ID = lsys.ID_UNCHANGED - 1
 
 
+def _takes(setfs: Callable[[int], int], ident: int) -> bool:
+    """Whether ``setfs(ident)`` (setfsuid or setfsgid) takes; the old id comes back."""
+    old = setfs(ident)
+    ok = setfs(lsys.ID_UNCHANGED) == ident
+    setfs(old)
+    return ok
+
+
 def _every_id_exists() -> bool:
     """Whether setfsuid/setfsgid to ``(uid_t)-2`` take (they do with CAP_SETUID/
-    CAP_SETGID unless a user namespace map leaves that id out).  Restores both."""
-    ok = True
-    for setfs in (lsys.setfsuid, lsys.setfsgid):
-        old = setfs(_PROBE_ID)
-        ok = ok and setfs(lsys.ID_UNCHANGED) == _PROBE_ID
-        setfs(old)
-    return ok
+    CAP_SETGID unless a user namespace map leaves that id out)."""
+    return _takes(lsys.setfsuid, _PROBE_ID) and _takes(lsys.setfsgid, _PROBE_ID)
 
 
 class _Switched:
@@ -246,9 +254,10 @@ def caller_creds(ctx: Context, *, strict: bool = False) -> _Switched | _Unchange
     home = _read_home()
     uid, gid = ctx.uid, ctx.gid
     groups = ctx.supp_groups if home.groups_ok else ()
-    if home.root_is_self:
-        uid = home.fsuid if uid == 0 else uid
-        gid = home.fsgid if gid == 0 else gid
+    if uid == 0 and home.root_uid_self:
+        uid = home.fsuid
+    if gid == 0 and home.root_gid_self:
+        gid = home.fsgid
     if uid == home.fsuid and gid == home.fsgid and not groups:
         return _UNCHANGED
     return _Switched(uid, gid, groups, strict)
