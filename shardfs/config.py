@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shardfs.abi.capability import CAP_DAC_READ_SEARCH, parse_modcaps
 from shardfs.abi.fuse import FUSE_DAX_SHIFT
 from shardfs.abi.vhost_user import ProtocolFeature
 from shardfs.abi.virtio import VIRTIO_FS_TAG_MAX
@@ -230,10 +231,30 @@ class Config:
         if self.cache_timeout_s is not None and not 0 <= self.cache_timeout_s <= MAX_TIMEOUT_S:
             raise ConfigError(f"config: cache_timeout_s: must be between 0 and "
                               f"{MAX_TIMEOUT_S:.0f} seconds, got {self.cache_timeout_s}")
+        self._validate_modcaps()
         if self.posix_acl and (self.translate_uid or self.translate_gid):
             # As virtiofsd: ACL entries name host ids the translation would not rewrite.
             raise ConfigError("config: posix_acl: cannot be combined with translate_uid or "
                               "translate_gid (ACL entries would keep untranslated ids)")
+
+    def _validate_modcaps(self) -> None:
+        """Names as virtiofsd's ``--modcaps`` takes them; and CAP_DAC_READ_SEARCH
+        stays where file handles are opened: with ``inode_file_handles`` other
+        than never (virtiofsd refuses that too), or where other workers or the
+        DAX coordinator reopen nodes by handle (more than one queue, DAX)."""
+        if self.modcaps is None:
+            return
+        try:
+            items = parse_modcaps(self.modcaps)
+        except ValueError as e:
+            raise ConfigError(f"config: modcaps: {e}") from None
+        dropped = [add for add, cap in items if cap == CAP_DAC_READ_SEARCH][-1:] == [False]
+        if dropped and self.inode_file_handles != "never":
+            raise ConfigError(f"config: modcaps: cannot drop dac_read_search with "
+                              f"inode_file_handles = {self.inode_file_handles}")
+        if dropped and (self.num_request_queues > 1 or self.dax_window):
+            raise ConfigError("config: modcaps: cannot drop dac_read_search with more than "
+                              "one request queue or DAX (nodes are reopened by file handle)")
 
     def status_socket(self) -> str:
         """Where the status socket lives: ``stats_socket``, next to ``socket_path``, or

@@ -126,7 +126,8 @@ def _split_timeout(t: float) -> tuple[int, int]:
 def pack_entry(e: Entry) -> bytes:
     ev, ens = _split_timeout(e.entry_timeout_s)
     av, ans = _split_timeout(e.attr_timeout_s)
-    return F.fuse_entry_out.pack(e.nodeid, e.generation, ev, av, ens, ans, *attr_fields(e.attr))
+    return F.fuse_entry_out.pack(e.nodeid, e.generation, ev, av, ens, ans,
+                                 *attr_fields(e.attr)[:-1], e.attr_flags)
 
 
 def pack_attr(st: os.stat_result, timeout_s: float) -> bytes:
@@ -162,7 +163,7 @@ def _pack_entry_out(view: memoryview, pos: int, e: Entry) -> None:
                          st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
                          c_s & _U64, a_ns, m_ns, c_ns, st.st_mode,
                          nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
-                         encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
+                         encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, e.attr_flags)
 
 
 def _reply_entry(w: ChainWriter, e: Entry) -> int:
@@ -215,11 +216,13 @@ class DaxMapper(Protocol):
 class Dispatcher:
     """Decodes requests for one FileSystem; one instance per worker process."""
 
-    #: INIT flags we turn on when the guest offers them (as virtiofsd does).
+    #: INIT flags we turn on when the guest offers them (as virtiofsd's server
+    #: does).  Those an option governs (READDIRPLUS, SUBMOUNTS, writeback...)
+    #: are the filesystem's to ask for in ``init``, as in virtiofsd.
     WANTED_INIT_FLAGS = (
         F.FUSE_ASYNC_READ | F.FUSE_PARALLEL_DIROPS | F.FUSE_BIG_WRITES | F.FUSE_AUTO_INVAL_DATA
         | F.FUSE_ASYNC_DIO | F.FUSE_HAS_IOCTL_DIR | F.FUSE_ATOMIC_O_TRUNC | F.FUSE_MAX_PAGES
-        | F.FUSE_DO_READDIRPLUS | F.FUSE_READDIRPLUS_AUTO | F.FUSE_INIT_EXT
+        | F.FUSE_INIT_EXT
     )
 
     def __init__(self, fs: FileSystem, dax: DaxMapper | None = None) -> None:

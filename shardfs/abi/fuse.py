@@ -116,6 +116,12 @@ FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
 #: 7.38 (Linux 6.3): creating ops carry the caller's matching supplementary group.
 FUSE_CREATE_SUPP_GROUP = 1 << 34
+#: 7.39 (Linux 6.6): shared mmap of files opened FOPEN_DIRECT_IO (virtiofsd's --allow-mmap).
+FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
+
+# fuse_attr.flags
+#: The directory is the root of another mount: the guest mounts it apart (FUSE_SUBMOUNTS).
+FUSE_ATTR_SUBMOUNT = 1 << 0
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0

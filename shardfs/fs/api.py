@@ -75,6 +75,8 @@ class Entry:
     attr: os.stat_result
     entry_timeout_s: float
     attr_timeout_s: float
+    #: ``fuse_attr.flags``: FUSE_ATTR_SUBMOUNT on a directory that is another mount.
+    attr_flags: int = 0
 
 
 @dataclass(slots=True)

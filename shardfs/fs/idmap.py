@@ -173,7 +173,7 @@ class IdMappedFs(ForwardingFs):
 
     def _entry(self, e: Entry) -> Entry:
         return Entry(e.nodeid, e.generation, self._stat(e.attr), e.entry_timeout_s,
-                     e.attr_timeout_s)
+                     e.attr_timeout_s, e.attr_flags)
 
     def _acl(self, value: bytes, host_side: bool) -> bytes:
         """The ids inside a POSIX ACL xattr value, translated; odd values unchanged

@@ -61,6 +61,7 @@ from shardfs.codec.vhost_user import (
 from shardfs.config import Config
 from shardfs.fs.api import FileSystem
 from shardfs.fs.build import build_fs
+from shardfs.fs.passthrough.fhandle import check_handles
 from shardfs.fs.passthrough.fs import fd_budgets
 from shardfs.fs.passthrough.mounts import submount_fds
 from shardfs.fs.passthrough.shared import SharedState
@@ -104,6 +105,14 @@ def session_config(cfg: Config) -> SessionConfig:
                          config_space=space, virtio_features=VIRTIO_FEATURES,
                          protocol_features=proto, shmem_sizes=shmem,
                          shmem_bit=cfg.shmem_bit)
+
+
+def virtiofsd_fs_options(cfg: Config) -> dict[str, Any]:
+    """The passthrough keyword options of virtiofsd's flags (``PassthroughFs``)."""
+    return {"announce_submounts": cfg.announce_submounts, "readdirplus": cfg.readdirplus,
+            "allow_mmap": cfg.allow_mmap, "preserve_noatime": cfg.preserve_noatime,
+            "inode_file_handles": cfg.inode_file_handles,
+            "cache_timeout_s": cfg.cache_timeout_s}
 
 
 @dataclass
@@ -378,7 +387,8 @@ class Supervisor:
                                 allow_direct_io=cfg.allow_direct_io,
                                 # creds keeps DAC checks the guest's with capset(2).
                                 guest_dac=cfg.seccomp != "kill"
-                                or "capset" in ALLOWED_SYSCALLS, submounts=submounts)
+                                or "capset" in ALLOWED_SYSCALLS, submounts=submounts,
+                                **virtiofsd_fs_options(cfg))
 
             def make_fs() -> FileSystem:
                 # Mounts under the share are found before the sandbox hides
@@ -386,7 +396,8 @@ class Supervisor:
                 nonlocal submounts
                 submounts = submount_fds(cfg.shared_dir)
                 # The share is opened inside the sandbox, at the path it has there.
-                return confine(SandboxPolicy(cfg.sandbox, cfg.seccomp), cfg.shared_dir, open_fs)
+                return confine(SandboxPolicy(cfg.sandbox, cfg.seccomp, cfg.modcaps),
+                               cfg.shared_dir, open_fs)
 
             dax = (DaxClient(Geometry(cfg.dax_window), dax_shared)
                    if dax_shared is not None else None)
@@ -414,8 +425,8 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             try:
                 # Confined like a worker; inside, the share is at the path it is given.
-                mount_fd = confine(SandboxPolicy(cfg.sandbox, cfg.seccomp), cfg.shared_dir,
-                                   open_share)
+                mount_fd = confine(SandboxPolicy(cfg.sandbox, cfg.seccomp, cfg.modcaps),
+                                   cfg.shared_dir, open_share)
             except OSError as e:
                 log.error("the coordinator cannot start: %s", e)
                 return
@@ -564,8 +575,12 @@ class Supervisor:
                                  queues=self.cfg.num_request_queues,
                                  dax=bool(self.cfg.dax_window))
             isolate_daemon(policy)
+            why = (check_handles(self.cfg.shared_dir)
+                   if self.cfg.inode_file_handles == "mandatory" else None)
+            if why is not None:
+                raise OSError(errno.EOPNOTSUPP, f"inode_file_handles: mandatory, but {why}")
         except OSError as e:
-            log.error("%s", e)
+            log.error("%s", e.strerror if e.errno == errno.EOPNOTSUPP else e)
             self._shutdown()
             return 1
         try:

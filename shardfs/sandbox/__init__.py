@@ -28,12 +28,15 @@ Modes (``sandbox =`` in the config, ``--sandbox``):
 ``none``
     no change.  A non-root daemon then acts with its own ids: the guest's
     root creates files as the invoking user, other guest ids get EPERM
-    (as virtiofsd).
+    (as virtiofsd).  Only when ``modcaps`` is given does a root daemon
+    reduce its capabilities here too, to the edited set, as virtiofsd
+    does as root in every mode (without ``modcaps`` it keeps them: where
+    virtiofsd would still drop to its default set, shardfs changes nothing).
 
 In both confining modes capabilities are then reduced to
-:data:`~shardfs.sandbox.caps.PASSTHROUGH_CAPS` with no_new_privs, and
-finally the seccomp filter (``seccomp = kill | log | none``, independent
-of the mode) is loaded.
+:data:`~shardfs.sandbox.caps.PASSTHROUGH_CAPS`, edited by ``modcaps``
+(virtiofsd's ``--modcaps``), with no_new_privs, and finally the seccomp
+filter (``seccomp = kill | log | none``, independent of the mode) is loaded.
 
 Who calls what: the supervisor calls :func:`enter_user_namespace` and then
 :func:`isolate_daemon`, once, before it forks; every child that serves the
@@ -70,16 +73,25 @@ class SandboxError(OSError):
 
 @dataclass(frozen=True)
 class SandboxPolicy:
-    """The ``sandbox`` and ``seccomp`` settings; ValueError for an unknown mode."""
+    """The ``sandbox``, ``seccomp`` and ``modcaps`` settings; ValueError for an
+    unknown mode or a bad ``modcaps``."""
 
     mode: str = "namespace"
     seccomp: str = "kill"
+    #: virtiofsd's ``--modcaps`` (``+sys_admin:-chown``); None keeps PASSTHROUGH_CAPS.
+    modcaps: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in SANDBOX_MODES:
             raise ValueError(f"sandbox mode {self.mode!r}: one of {', '.join(SANDBOX_MODES)}")
         if self.seccomp not in SECCOMP_MODES:
             raise ValueError(f"seccomp mode {self.seccomp!r}: one of {', '.join(SECCOMP_MODES)}")
+        caps.kept_capabilities(self.modcaps)
+
+    @property
+    def keep(self) -> frozenset[int]:
+        """The capabilities a confined process keeps."""
+        return caps.kept_capabilities(self.modcaps)
 
 
 def _step(mode: str, what: str, fn: Callable[[], T]) -> T:
@@ -144,7 +156,7 @@ def confine(policy: SandboxPolicy, shared_dir: str, open_fs: Callable[[str], T])
     if policy.seccomp != "none":
         flt = _step(mode, "seccomp filter", lambda: SeccompFilter(policy.seccomp))
     cap_last = caps.last_cap()
-    keep = caps.PASSTHROUGH_CAPS
+    keep = policy.keep
 
     def drop(also: frozenset[int] = frozenset()) -> None:
         _step(mode, "capabilities", lambda: caps.drop_capabilities(keep | also, cap_last))
@@ -162,6 +174,8 @@ def confine(policy: SandboxPolicy, shared_dir: str, open_fs: Callable[[str], T])
             _step(mode, "chroot", lambda: enter_chroot(shared_dir))
             drop()
         else:
+            if policy.modcaps is not None and os.geteuid() == 0:
+                drop()  # see "none" in the module doc
             fs = open_fs(shared_dir)
         if flt is not None:
             _step(mode, "seccomp load", flt.load)

@@ -16,6 +16,10 @@ CAP_MKNOD           MKNOD of device nodes by the guest's root
 CAP_SETFCAP         ``security.capability`` xattrs (file capabilities)
 ==================  =====================================================
 
+``modcaps`` (virtiofsd's ``--modcaps=+sys_admin:-chown``) adds to or
+removes from that set (:func:`kept_capabilities`), as virtiofsd edits its
+own default set; a capability the process does not have is never gained.
+
 Everything else goes: CAP_SYS_ADMIN (no mount, umount, pivot_root,
 setns, or another unshare after the sandbox is built), CAP_SYS_CHROOT,
 CAP_SYS_PTRACE, CAP_NET_*, CAP_SYS_MODULE, CAP_KILL and the rest.
@@ -47,12 +51,27 @@ from shardfs.abi.capability import (
     CAP_SETFCAP,
     CAP_SETGID,
     CAP_SETUID,
+    parse_modcaps,
 )
 from shardfs.sandbox import linux
 
 #: What a sandboxed passthrough process keeps (see the module doc).
 PASSTHROUGH_CAPS = frozenset({CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER,
                               CAP_FSETID, CAP_SETGID, CAP_SETUID, CAP_MKNOD, CAP_SETFCAP})
+
+
+
+def kept_capabilities(modcaps: str | None) -> frozenset[int]:
+    """:data:`PASSTHROUGH_CAPS` edited by ``modcaps`` (items applied in order);
+    ValueError for a bad ``modcaps`` (the config has checked it already)."""
+    keep = set(PASSTHROUGH_CAPS)
+    for add, cap in parse_modcaps(modcaps) if modcaps else ():
+        if add:
+            keep.add(cap)
+        else:
+            keep.discard(cap)
+    return frozenset(keep)
+
 
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 #: If /proc cannot tell (it always can before the sandbox), drop this many.

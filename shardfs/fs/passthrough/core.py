@@ -49,9 +49,11 @@ SPECIAL_OPEN_ERRNO = errno.ENXIO
 #: the /proc magic link would make it ELOOP.  O_DIRECT is forwarded only
 #: with ``allow_direct_io`` (as virtiofsd): FUSE serves a guest's O_DIRECT
 #: I/O at any offset and length, which the host's O_DIRECT would refuse
-#: (EINVAL) unless aligned to its block size.
+#: (EINVAL) unless aligned to its block size.  O_NOATIME is forwarded only
+#: with ``preserve_noatime`` (as virtiofsd): on the host it needs the file's
+#: owner or CAP_FOWNER, which an unprivileged daemon lacks (EPERM).
 HOST_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
-                   | os.O_NOATIME | os.O_NONBLOCK)
+                   | os.O_NONBLOCK)
 
 #: How a guest name is resolved under its parent when openat2 is available.
 RESOLVE_ONE_NAME = lsys.RESOLVE_BENEATH | lsys.RESOLVE_NO_SYMLINKS | lsys.RESOLVE_NO_MAGICLINKS
@@ -106,6 +108,8 @@ class PassthroughBase(FileSystem):
     _xattr: bool
     _writeback: bool
     _allow_direct_io: bool
+    #: Guest open flags forwarded to the host (:meth:`open_mask`).
+    _open_mask: int
     _xattrmap: XattrMap | None
     #: Where the map puts the guest's security.capability, when it moves it:
     #: the host kernel then no longer drops it on write/truncate/chown, so we do.
@@ -247,6 +251,12 @@ class PassthroughBase(FileSystem):
 
     # -- flags --------------------------------------------------------------
 
+    @staticmethod
+    def open_mask(allow_direct_io: bool, preserve_noatime: bool) -> int:
+        """:data:`HOST_OPEN_FLAGS` plus O_DIRECT and O_NOATIME where the options allow."""
+        return (HOST_OPEN_FLAGS | (os.O_DIRECT if allow_direct_io else 0)
+                | (os.O_NOATIME if preserve_noatime else 0))
+
     def _host_open_flags(self, flags: int) -> int:
         """Guest open flags -> host flags (allow-list; writeback adjustments).
 
@@ -255,7 +265,7 @@ class PassthroughBase(FileSystem):
         position itself, so O_WRONLY becomes O_RDWR and O_APPEND is dropped,
         as virtiofsd does.
         """
-        flags &= HOST_OPEN_FLAGS | (os.O_DIRECT if self._allow_direct_io else 0)
+        flags &= self._open_mask
         if flags & os.O_ACCMODE == os.O_ACCMODE:
             raise FsError(errno.EINVAL)
         if self._writeback_on:

@@ -26,6 +26,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 #: MAX_HANDLE_SZ from <linux/exportfs.h>.
 MAX_HANDLE_SZ = 128
+#: What name_to_handle_at answers on a filesystem that makes no handles
+#: (EOVERFLOW: one longer than MAX_HANDLE_SZ), as virtiofsd reads them.
+NO_HANDLES_ERRNOS = (errno.EOPNOTSUPP, errno.EOVERFLOW)
 
 
 class _FileHandle(ctypes.Structure):
@@ -73,6 +76,31 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return int(fd)
+
+
+def check_handles(path: str) -> str | None:
+    """Why file handles cannot serve the directory ``path``, or None if they can.
+
+    For ``inode_file_handles = mandatory``, checked at start as virtiofsd
+    does: the root gets a handle, and the handle opens again (which needs
+    CAP_DAC_READ_SEARCH in the host's user namespace).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open {path}: {e.strerror}"
+    try:
+        try:
+            htype, handle, _mnt = name_to_handle(fd)
+        except OSError as e:
+            return f"the filesystem of {path} makes no file handles ({e.strerror})"
+        try:
+            os.close(open_by_handle(fd, htype, handle, os.O_PATH))
+        except OSError as e:
+            return f"a file handle of {path} does not open ({e.strerror})"
+    finally:
+        os.close(fd)
+    return None
 
 
 # -- robust process-shared mutex ---------------------------------------------

@@ -25,15 +25,6 @@ import logging
 import os
 import resource
 
-from shardfs.abi.fuse import (
-    FUSE_CREATE_SUPP_GROUP,
-    FUSE_DONT_MASK,
-    FUSE_HANDLE_KILLPRIV_V2,
-    FUSE_POSIX_ACL,
-    FUSE_SECURITY_CTX,
-    FUSE_SETXATTR_EXT,
-    FUSE_WRITEBACK_CACHE,
-)
 from shardfs.fs.passthrough import creds
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.attrs import AttrOps
@@ -44,6 +35,7 @@ from shardfs.fs.passthrough.handles import DEFAULT_MAX_HANDLES
 from shardfs.fs.passthrough.names import NameOps
 from shardfs.fs.passthrough.nodes import DEFAULT_MAX_NODES, Node
 from shardfs.fs.passthrough.policy import cache_policy
+from shardfs.fs.passthrough.session import InitOptions, wanted_flags
 from shardfs.fs.passthrough.shared import SharedHandleTable, SharedNodeTable, SharedState
 from shardfs.fs.passthrough.xattrs import XattrOps
 from shardfs.fs.xattrmap import XattrMap
@@ -55,6 +47,8 @@ log = logging.getLogger("shardfs.fs.passthrough")
 FD_RESERVE = 1024
 #: Without explicit budgets, nodes get this share of the fds available.
 NODE_SHARE = 0.75
+#: ``inode_file_handles`` values (virtiofsd's --inode-file-handles); see the class doc.
+INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 #: fs.nr_open's default: the most RLIMIT_NOFILE can be when the hard limit is infinite.
 NR_OPEN_DEFAULT = 1 << 20
 
@@ -143,7 +137,10 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
                  posix_acl: bool = False, killpriv_v2: bool = False,
                  security_label: bool = False, xattrmap: XattrMap | str | None = None,
                  allow_direct_io: bool = False, guest_dac: bool = True,
-                 submounts: dict[int, int] | None = None) -> None:
+                 submounts: dict[int, int] | None = None, announce_submounts: bool = True,
+                 readdirplus: bool = True, allow_mmap: bool = False,
+                 preserve_noatime: bool = False, inode_file_handles: str = "never",
+                 cache_timeout_s: float | None = None) -> None:
         """Serve ``shared_dir`` (an admin-given path; symlinks in it are followed).
 
         ``cache`` is a ``policy`` name (never, metadata, auto, always).
@@ -165,7 +162,22 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         ``xattrmap`` renames xattrs (:mod:`shardfs.fs.xattrmap`; a string is
         parsed, ValueError if bad).  ``allow_direct_io`` passes a guest's
         O_DIRECT on to the host open.  ``guest_dac=False`` is for a daemon
-        that may not call capset(2) (``creds.configure``).
+        that may not call capset(2) (``creds.configure``).  The INIT flags
+        of ``readdirplus``, ``announce_submounts`` (mount points then carry
+        FUSE_ATTR_SUBMOUNT) and ``allow_mmap`` are in
+        :mod:`~shardfs.fs.passthrough.session`.  ``preserve_noatime`` keeps
+        a guest's O_NOATIME on host opens (stripped otherwise, as virtiofsd
+        does).  ``cache_timeout_s`` replaces the cache policy's entry and
+        attr timeouts (the C virtiofsd's ``-o timeout=``).
+
+        ``inode_file_handles`` (virtiofsd's option): every node records a
+        file handle whatever the value, because workers on other queues
+        reopen nodes by handle, and each worker keeps an O_PATH fd for the
+        nodes it uses; so ``never`` and ``prefer`` behave alike.
+        ``mandatory`` answers a LOOKUP of a node whose filesystem makes no
+        file handles (name_to_handle_at: EOPNOTSUPP, EOVERFLOW) with
+        EOPNOTSUPP, as virtiofsd does; the supervisor refuses a share whose
+        own root has none (:func:`shardfs.fs.passthrough.fhandle.check_handles`).
 
         ``submounts`` maps the ``st_dev`` of each mount under the share to an
         fd on it (:func:`shardfs.fs.passthrough.mounts.submount_fds`), so
@@ -184,12 +196,20 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
             cap = xattrmap.host_name(b"security.capability")
             if cap != b"security.capability":
                 self._mapped_capability = cap
+        if inode_file_handles not in INODE_FILE_HANDLES:
+            for fd in (submounts or {}).values():
+                os.close(fd)
+            raise ValueError(f"inode_file_handles {inode_file_handles!r}: one of "
+                             f"{', '.join(INODE_FILE_HANDLES)}")
         self._posix_acl = posix_acl
         self._killpriv_v2 = killpriv_v2
         self._security_label = security_label
         self._allow_direct_io = allow_direct_io
+        self._init_options = InitOptions(writeback, killpriv_v2, posix_acl, security_label,
+                                         announce_submounts, readdirplus, allow_mmap)
+        self._open_mask = self.open_mask(allow_direct_io, preserve_noatime)
         creds.configure(guest_dac=guest_dac)
-        self._policy = cache_policy(cache)
+        self._policy = cache_policy(cache, cache_timeout_s)
         max_nodes, max_handles = fd_budgets(max_nodes, max_handles)
         if shared is None:
             shared = SharedState(max_nodes, max_handles)
@@ -200,6 +220,7 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         try:
             root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             self._nodes = SharedNodeTable(shared, root_fd, worker, submounts)
+            self._nodes.handles_mandatory = inode_file_handles == "mandatory"
         except BaseException:
             os.close(self._proc_fd)
             raise
@@ -212,29 +233,12 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
     # -- session ------------------------------------------------------------
 
     def init(self, capable: int) -> int:
-        """Ask for what the options want and the guest offers.
+        """Ask for what the options want (:func:`session.wanted_flags`).
 
         The dispatcher enables ``capable & returned`` (and tells us with
         :meth:`negotiated`), so each feature is on exactly when both hold.
-        FUSE_CREATE_SUPP_GROUP is always wanted: it only tells us more.
         """
-        wants = FUSE_CREATE_SUPP_GROUP
-        if self._writeback:
-            wants |= FUSE_WRITEBACK_CACHE
-        if self._killpriv_v2:
-            wants |= FUSE_HANDLE_KILLPRIV_V2
-        if self._posix_acl:
-            if capable & (FUSE_POSIX_ACL | FUSE_DONT_MASK) == FUSE_POSIX_ACL | FUSE_DONT_MASK:
-                wants |= FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_SETXATTR_EXT
-            else:
-                log.warning("posix_acl: the guest does not offer FUSE_POSIX_ACL and "
-                            "FUSE_DONT_MASK; ACLs stay off")
-        if self._security_label:
-            wants |= FUSE_SECURITY_CTX
-        for flag, name in ((FUSE_HANDLE_KILLPRIV_V2, "killpriv_v2"),
-                           (FUSE_SECURITY_CTX, "security_label")):
-            if wants & flag and not capable & flag:
-                log.warning("%s: the guest does not offer it; off for this session", name)
+        wants = wanted_flags(self._init_options, capable)
         self._shared.init_flags = wants & capable
         return wants
 

@@ -18,6 +18,10 @@ still checked against the node's (dev, ino), as every open by handle is.
 Mounts that appear under the share after a worker started are not in its
 table: nodes on them stay with the worker that looked them up (ESTALE on
 other queues), the limit that shared.py states.
+
+:func:`is_mount_point` tells which looked-up directories to announce to the
+guest as submounts (FUSE_ATTR_SUBMOUNT), from the host as it is at the
+LOOKUP, so it needs no table.
 """
 
 from __future__ import annotations
@@ -51,6 +55,22 @@ def parse_mountinfo(text: bytes) -> list[tuple[int, bytes]]:
             continue
         out.append((dev, _unescape(fields[4])))
     return out
+
+
+def is_mount_point(parent_dev: int, fd: int, st: os.stat_result) -> bool:
+    """Whether the directory ``fd`` (stat ``st``), just looked up under a parent on
+    ``parent_dev``, belongs to another mount than its parent: virtiofsd's rule
+    (another ``st_dev``, as a btrfs subvolume has, or another mount id).
+
+    A name resolved in its parent reaches another mount exactly when the
+    child is that mount's root, so the mount id test is statx's
+    STATX_ATTR_MOUNT_ROOT (one call, on directories only).
+    """
+    if st.st_dev != parent_dev:
+        return True
+    fields = lsys.statx(fd, b"", lsys.AT_EMPTY_PATH, 0)
+    return bool(fields[lsys.STATX_ATTRIBUTES] & fields[lsys.STATX_ATTRIBUTES_MASK]
+                & lsys.STATX_ATTR_MOUNT_ROOT)
 
 
 def submount_fds(share: str, mountinfo: str = "/proc/self/mountinfo") -> dict[int, int]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import errno
 import os
 
+from shardfs.abi.fuse import FUSE_ATTR_SUBMOUNT, FUSE_SUBMOUNTS
 from shardfs.fs.api import Context, Entry, FsError, check_name
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.core import MODE_PERM_MASK, S_IFMT_MASK, PassthroughBase
 from shardfs.fs.passthrough.creds import caller_creds
+from shardfs.fs.passthrough.mounts import is_mount_point
 from shardfs.fs.passthrough.nodes import Node
 
 #: A symlink target is at most PATH_MAX bytes including its NUL (linux/limits.h).
@@ -34,11 +36,21 @@ DEV_MAX = (1 << 64) - 1
 
 class NameOps(PassthroughBase):
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
-        """Resolve ``name`` under ``parent``; +1 lookup on its node (new or not)."""
+        """Resolve ``name`` under ``parent``; +1 lookup on its node (new or not).
+
+        Once FUSE_SUBMOUNTS is negotiated (``announce_submounts``), a
+        directory on another mount than ``parent`` carries FUSE_ATTR_SUBMOUNT,
+        so the guest mounts it apart with its own st_dev, as with virtiofsd.
+        READDIRPLUS entries come from here too.
+        """
         dirnode = self._dir(parent)
         check_name(name)
         node, st = self._lookup_node(dirnode, name)
-        return self._entry(node, st)
+        entry = self._entry(node, st)
+        if (node.is_dir and self._shared.init_flags & FUSE_SUBMOUNTS
+                and is_mount_point(dirnode.dev, node.fd, st)):
+            entry.attr_flags = FUSE_ATTR_SUBMOUNT
+        return entry
 
     def _created(self, ctx: Context, dirnode: Node, name: bytes, is_dir: bool = False) -> Entry:
         """The entry for a name just made (outside the caller's creds), labelled.

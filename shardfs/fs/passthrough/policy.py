@@ -12,12 +12,14 @@ always    1 day            1 day           FOPEN_KEEP_CACHE    CACHE_DIR|KEEP_CA
 ========  ===============  ==============  ==================  ======================
 
 "metadata" caches directory contents like "always" and file data like
-"never", as virtiofsd's does.
+"never", as virtiofsd's does.  A ``timeout`` given with the policy (the C
+virtiofsd's ``-o timeout=``, shardfs's ``cache_timeout_s``) replaces both
+timeouts and leaves the flags as they are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardfs.abi.fuse import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 
@@ -49,10 +51,16 @@ POLICIES: dict[str, CachePolicy] = {
 }
 
 
-def cache_policy(name: str) -> CachePolicy:
-    """The policy called ``name``; ValueError for an unknown one."""
+def cache_policy(name: str, timeout_s: float | None = None) -> CachePolicy:
+    """The policy called ``name``, its entry and attr timeouts replaced by
+    ``timeout_s`` when given; ValueError for an unknown name or a negative timeout."""
     try:
-        return POLICIES[name]
+        policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown cache policy {name!r}; choose from "
                          f"{', '.join(POLICIES)}") from None
+    if timeout_s is None:
+        return policy
+    if timeout_s < 0:
+        raise ValueError(f"cache timeout {timeout_s}: must not be negative")
+    return replace(policy, entry_timeout_s=float(timeout_s), attr_timeout_s=float(timeout_s))

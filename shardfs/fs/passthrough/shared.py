@@ -56,6 +56,7 @@ from shardfs.fs.api import FsError
 from shardfs.fs.passthrough.fhandle import (
     MAX_HANDLE_SZ,
     MUTEX_BYTES,
+    NO_HANDLES_ERRNOS,
     RobustMutex,
     name_to_handle,
     open_by_handle,
@@ -436,6 +437,8 @@ class SharedNodeTable(_FdCache):
         #: st_dev -> an fd on that mount under the share (mounts.submount_fds):
         #: the mount_fd that opens its nodes by handle.  Owned here.
         self.submounts = dict(submounts or {})
+        #: inode_file_handles = mandatory: a node without a file handle is EOPNOTSUPP.
+        self.handles_mandatory = False
         try:
             st = os.stat(root_fd)
         except BaseException:
@@ -556,15 +559,19 @@ class SharedNodeTable(_FdCache):
 
         A node on a mount this worker has no mount fd for stays its own:
         no other worker could open it by handle either (they all take
-        their mount table at start).
+        their mount table at start).  With ``handles_mandatory`` a node
+        whose filesystem makes no handles is refused (EOPNOTSUPP), as virtiofsd.
         """
-        if st.st_dev != self.root_dev and st.st_dev not in self.submounts:
+        unknown_mount = st.st_dev != self.root_dev and st.st_dev not in self.submounts
+        if unknown_mount and not self.handles_mandatory:
             return self.worker, 0, b""
         try:
             htype, handle, _mnt = name_to_handle(fd)
-        except OSError:
+        except OSError as e:
+            if self.handles_mandatory and e.errno in NO_HANDLES_ERRNOS:
+                raise FsError(errno.EOPNOTSUPP, "inode_file_handles = mandatory") from None
             return self.worker, 0, b""
-        return ANY_WORKER, htype, handle
+        return (self.worker, 0, b"") if unknown_mount else (ANY_WORKER, htype, handle)
 
     def _count_locked(self, st: os.stat_result) -> tuple[int, int] | None:
         s = self.s

@@ -127,6 +127,10 @@ def utimensat(fd: int, path: bytes, times: tuple[tuple[int, int], tuple[int, int
 STATX_BASIC_STATS = 0x7FF
 STATX_BTIME = 0x800
 AT_STATX_SYNC_TYPE = 0x6000  # AT_STATX_FORCE_SYNC | AT_STATX_DONT_SYNC
+#: stx_attributes: the inode is the root of a mount (Linux 5.8).
+STATX_ATTR_MOUNT_ROOT = 0x2000
+#: Indices of stx_attributes and stx_attributes_mask in STATX_FIELDS.
+STATX_ATTRIBUTES, STATX_ATTRIBUTES_MASK = 2, 11
 #: struct statx up to stx_dev_minor (what fuse_statx carries; the rest is newer
 #: fields and spare): mask, blksize, attributes, nlink, uid, gid, mode,
 #: spare, ino, size, blocks, attributes_mask, four statx_timestamps (atime,
