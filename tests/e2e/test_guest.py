@@ -337,6 +337,16 @@ WORKLOADS_SCRIPT = (
         }
         step statfs statfs
 
+        # announce_submounts (on by default, as virtiofsd): a tmpfs under the
+        # share is a mount of its own in the guest.  Reading into it mounts it.
+        submount() {
+            cat /mnt/submount/marker >"$CTL/submount_marker.txt"
+            stat -c %d /mnt/. /mnt/submount/. >"$CTL/submount_devs.txt"
+            grep ' /mnt/submount virtiofs ' /proc/mounts >"$CTL/submount_mounts.txt"
+        }
+        step submount submount
+        umount /mnt/submount || true  # before the umount step's umount /mnt
+
         host_to_guest() {
             sha256sum /mnt/host_file.bin | cut -d' ' -f1 >"$CTL/host_file.cached.sha256"
             drop_caches
@@ -483,8 +493,17 @@ def workloads_boot(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFac
     make_tree(shared / "src")
     # a pristine copy outside the share to compare against afterwards
     subprocess.run(["cp", "-a", str(shared / "src"), str(base / "expected")], check=True)
-    return boot_with_daemon(image=guest_image, base=base, node=None, shared=shared,
-                            script=WORKLOADS_SCRIPT)
+    submount = shared / "submount"
+    submount.mkdir()
+    if os.geteuid() == 0:  # test_submount_is_its_own_mount_in_the_guest
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(submount)], check=True)
+        (submount / "marker").write_text("on a tmpfs under the share\n")
+    try:
+        return boot_with_daemon(image=guest_image, base=base, node=None, shared=shared,
+                                script=WORKLOADS_SCRIPT)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(submount)], check=False)
 
 
 @pytest.fixture
@@ -517,6 +536,17 @@ def test_statfs(boot: Boot) -> None:
 
 def test_umount(boot: Boot) -> None:
     boot.assert_step("umount")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting the tmpfs under the share needs root")
+def test_submount_is_its_own_mount_in_the_guest(boot: Boot) -> None:
+    """FUSE_SUBMOUNTS with FUSE_ATTR_SUBMOUNT on the mount point: the guest
+    kernel mounts it apart, with its own st_dev, as with virtiofsd."""
+    boot.assert_step("submount")
+    assert boot.result.ctl("submount_marker.txt") == "on a tmpfs under the share\n"
+    root_dev, sub_dev = boot.result.ctl("submount_devs.txt").split()
+    assert root_dev != sub_dev
+    assert " /mnt/submount virtiofs " in boot.result.ctl("submount_mounts.txt")
 
 
 def test_host_file_read_in_guest(boot: Boot) -> None:
