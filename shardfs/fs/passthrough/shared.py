@@ -38,6 +38,13 @@ Limits: a node on a filesystem without file handles, or on a mount that
 appeared under the share after the worker that looks it up started, is
 *owned* by that worker; other workers answer ESTALE for it.  With one
 request queue there is no other worker, so nothing changes.
+
+virtiofsd's ``inode_file_handles``: a handle is recorded for every node
+whatever its value, and each worker holds an O_PATH fd for the nodes it
+uses, so ``never`` and ``prefer`` both behave as above.  ``mandatory``
+refuses what virtiofsd refuses: a node whose filesystem makes no handles
+(EOPNOTSUPP to its LOOKUP, ``handles_mandatory``), and, in the supervisor,
+a share whose root has none (``fhandle.check_handles``).
 """
 
 from __future__ import annotations
