@@ -173,6 +173,7 @@ class Daemon:
                 user=self.user,
                 group=None if self.user is None else pwd.getpwnam(self.user).pw_gid,
                 extra_groups=None if self.user is None else [],
+                cwd="/",
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -459,7 +460,7 @@ class Libvirt:
         res = subprocess.run(
             ["virsh", "-q", "-c", self.uri, *args],
             capture_output=True, text=True, check=False, timeout=120 * TIMEOUT_SCALE,
-            user=self.virsh_user,
+            cwd="/", user=self.virsh_user,
             env=dict(self.virsh_env) if self.virsh_env is not None else None,
         )
         if check and res.returncode != 0:
@@ -492,6 +493,7 @@ class Libvirt:
         ctl = work / "ctl"
         ctl.mkdir(parents=True)
         work.chmod(0o755)
+        os.chown(work, *self.qemu_ids)  # a session QEMU creates its console log here
         (ctl / "script.sh").write_text(script)
         os.chown(ctl, *self.qemu_ids)
         console = work / "console.log"
@@ -637,3 +639,54 @@ def make_base_dir() -> Path:
     base = Path(tempfile.mkdtemp(prefix="shardfs-libvirt-", dir="/tmp"))
     base.chmod(0o755)
     return base
+
+
+class SessionLibvirt(Libvirt):
+    """``qemu:///session``: virtlogd and libvirtd as the unprivileged *user*.
+
+    Everything libvirt keeps for a session user (config, sockets, state,
+    logs) lives under ``$HOME``/``$XDG_*``, which point into *base*; QEMU and
+    the backends libvirt starts run as that user.
+    """
+
+    def __init__(self, base: Path, image: GuestImage, *, user: str) -> None:
+        super().__init__(base, image)
+        pw = pwd.getpwnam(user)
+        self.qemu_ids = (pw.pw_uid, pw.pw_gid)
+        home = base / "home"
+        dirs = {
+            "HOME": home,
+            "XDG_CONFIG_HOME": home / ".config",
+            "XDG_CACHE_HOME": home / ".cache",
+            "XDG_DATA_HOME": home / ".local" / "share",
+            "XDG_STATE_HOME": home / ".local" / "state",
+            "XDG_RUNTIME_DIR": base / "xdg-run",
+        }
+        for d in dirs.values():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = dirs["XDG_CONFIG_HOME"] / "libvirt"
+        config.mkdir(mode=0o700)
+        self.libvirtd_log = dirs["XDG_CACHE_HOME"] / "libvirt" / "libvirtd.log"
+        self.libvirtd_log.parent.mkdir(mode=0o700)
+        (config / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(log=self.libvirtd_log))
+        (config / "virtlogd.conf").write_text(VIRTLOGD_CONF)
+        for dirpath, dirnames, filenames in os.walk(home):
+            for name in [*dirnames, *filenames]:
+                os.chown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
+        for d in (home, dirs["XDG_RUNTIME_DIR"]):
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+        self.domain_log_dir = dirs["XDG_CACHE_HOME"] / "libvirt" / "qemu" / "log"
+        sockets = dirs["XDG_RUNTIME_DIR"] / "libvirt"
+        self.uri = f"qemu:///session?socket={sockets / 'libvirt-sock'}"
+        self.virsh_user = user
+        self.virsh_env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LC_ALL": "C",
+            **{k: str(v) for k, v in dirs.items()},
+        }
+        for name, ready in (("virtlogd", "virtlogd-sock"), ("libvirtd", "libvirt-sock")):
+            daemon = Daemon(name=name, command=[name], log_path=base / f"{name}.out",
+                            ready_path=sockets / ready, user=user, env=self.virsh_env)
+            self.daemons.append(daemon)
+            daemon.start()
+        self.virsh("version")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import stat
 import subprocess
@@ -34,6 +35,7 @@ from libvirt import (
     SHARDFS_BINARY,
     DomainRun,
     Libvirt,
+    SessionLibvirt,
     SystemLibvirt,
     VirtioFs,
     make_base_dir,
@@ -43,6 +45,8 @@ from libvirt import (
 )
 from test_guest import PRELUDE
 
+from tests.frontend.test_rootless import SUBID_COUNT, rootless_account, runtime, user_python
+
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +54,8 @@ INSTALL_VHOST_USER_JSON = REPO_ROOT / "scripts" / "install-vhost-user-json"
 VHOST_USER_DIR = Path("/etc/qemu/vhost-user")
 #: Size of the file the host seeds each share with (crosses several FUSE reads).
 HOST_FILE_SIZE = 1_500_007
+#: The config-file route to N queues: what the wrapper's ``--config`` file says.
+QUEUES_CONFIG = "[shardfs]\nnum_request_queues = 2\n"
 #: Bytes the guest writes to each share from /dev/urandom.
 GUEST_FILE_SIZE = 1_000_003
 
@@ -83,18 +89,37 @@ SHARE_FUNCTIONS = textwrap.dedent(
         cat "$CTL/$1.refused"
         grep -qi 'read-only' "$CTL/$1.refused"
     }}
+    share_parallel() {{
+        for cpu in 0 1; do
+            taskset -c $cpu sh -c '
+                for i in 1 2 3 4 5 6 7 8; do
+                    head -c 300000 /dev/urandom >$SHARES/$1/cpu$0-$i.bin
+                done
+                cd $SHARES/$1 && sha256sum cpu$0-*.bin >"$CTL/$1.cpu$0.sha256"
+            ' $cpu $1 &
+        done
+        wait
+        nproc >"$CTL/nproc"
+        cat /proc/interrupts >"$CTL/$1.interrupts"
+    }}
     share_umount() {{ sync; umount $SHARES/$1; }}
     """
 )
 
 
-def share_steps(tag: str, *, writable: bool = True, setfattr: bool = False) -> str:
-    """Guest steps for the share with *tag*: mount, read, write (or refuse), umount."""
+def share_steps(tag: str, *, writable: bool = True, setfattr: bool = False,
+                parallel: bool = False) -> str:
+    """Guest steps for the share with *tag*: mount, read, write (or refuse), umount.
+
+    *parallel*: also write from both vCPUs at once (``check_two_queues``).
+    """
     steps = [f"step {tag}_mount share_mount {tag}", f"step {tag}_read share_read {tag}"]
     if writable:
         steps.append(f"step {tag}_write share_write {tag}")
         if setfattr:
             steps.append(f"step {tag}_setfattr share_setfattr {tag}")
+        if parallel:
+            steps.append(f"step {tag}_parallel share_parallel {tag}")
     else:
         steps.append(f"step {tag}_refused share_refused {tag}")
     steps.append(f"step {tag}_umount share_umount {tag}")
@@ -129,6 +154,35 @@ def check_share(run: DomainRun, share: Path, tag: str, *, writable: bool = True)
     run.assert_step(f"{tag}_umount")
     assert not run.leftover_backends, (
         f"backends still running after the domain ended: {run.leftover_backends}")
+
+
+def check_two_queues(run: DomainRun, share: Path, tag: str) -> dict[str, int]:
+    """Both vCPUs' files arrived intact, and the guest's two-queue device used both queues.
+
+    The device is the one with a ``requests.1`` interrupt line (the others have
+    one request queue).  Returns interrupts per request queue.
+    """
+    run.assert_step(f"{tag}_parallel")
+    result = run.ok()
+    assert result.ctl("nproc").strip() == "2"
+    for cpu in range(2):
+        lines = result.ctl(f"{tag}.cpu{cpu}.sha256").splitlines()
+        assert len(lines) == 8, lines
+        for line in lines:
+            digest, name = line.split()
+            assert sha256_file(share / name) == digest, f"{name} differs from the guest's"
+    interrupts = result.ctl(f"{tag}.interrupts")
+    rows = [line.split() for line in interrupts.splitlines()]
+    devices = {r[-1].rsplit("-", 1)[0] for r in rows if r and r[-1].endswith("-requests.1")}
+    assert len(devices) == 1, interrupts
+    device = devices.pop()
+    per_queue = {
+        r[-1].rsplit(".", 1)[1]: sum(int(f) for f in r[1:3] if f.isdigit())
+        for r in rows if r and r[-1].startswith(f"{device}-requests.")
+    }
+    assert sorted(per_queue) == ["0", "1"], interrupts
+    assert all(n > 0 for n in per_queue.values()), per_queue
+    return per_queue
 
 
 def attach_run(node: pytest.Item, run: DomainRun, lv: Libvirt) -> None:
@@ -203,11 +257,17 @@ def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
 
 
 @pytest.fixture(scope="module")
-def chroot_discovery_run(system_libvirt: SystemLibvirt, shares: Path) -> Iterator[DomainRun]:
-    """One domain: ``<sandbox mode='chroot'/>``, and a filesystem with no ``<binary>``.
+def launch_run(system_libvirt: SystemLibvirt, shares: Path) -> Iterator[DomainRun]:
+    """One domain with two vCPUs and three ways libvirt finds or configures shardfs.
 
-    The second one is found through the vhost-user JSON that
-    ``scripts/install-vhost-user-json --prefer`` installs; it is removed after.
+    * ``chroot``: ``<sandbox mode='chroot'/>``;
+    * ``found``: no ``<binary>``; libvirt takes the backend from the
+      vhost-user JSON that ``scripts/install-vhost-user-json --prefer``
+      installs (removed after);
+    * ``queues``: the config-file route to N request queues under libvirt:
+      ``<binary path>`` names a wrapper that adds ``--config`` with
+      ``num_request_queues = 2``, and ``<qemu:override>`` gives QEMU's device
+      the same number.
     """
     created = [p for p in (VHOST_USER_DIR.parent, VHOST_USER_DIR) if not p.exists()]
     installed = subprocess.run(
@@ -221,13 +281,23 @@ def chroot_discovery_run(system_libvirt: SystemLibvirt, shares: Path) -> Iterato
         description = json.loads(json_path.read_text())
         assert description["type"] == "fs"
         assert Path(description["binary"]) == SHARDFS_BINARY
+        config = system_libvirt.base / "libvirt-2q.toml"
+        config.write_text(QUEUES_CONFIG)
+        wrapper = system_libvirt.base / "shardfs-2q"
+        wrapper.write_text(f'#!/bin/sh\nexec {SHARDFS_BINARY} --config {config} "$@"\n')
+        wrapper.chmod(0o755)
+        queues = VirtioFs("queues", source_dir=seed_share(shares / "queues", seed=12),
+                          binary=wrapper)
         filesystems = [
             VirtioFs("chroot", source_dir=seed_share(shares / "chroot", seed=10),
                      binary_xml="<sandbox mode='chroot'/>"),
             VirtioFs("found", source_dir=seed_share(shares / "found", seed=11), binary=None),
+            queues,
         ]
-        script = PRELUDE + SHARE_FUNCTIONS + share_steps("chroot") + share_steps("found")
-        yield system_libvirt.boot(script, filesystems=filesystems)
+        script = PRELUDE + SHARE_FUNCTIONS + share_steps("chroot") + share_steps("found") \
+            + share_steps("queues", parallel=True)
+        yield system_libvirt.boot(script, filesystems=filesystems, vcpus=2,
+                                  extra_xml=num_request_queues_override(queues.alias, 2))
     finally:
         if json_path is not None:
             json_path.unlink(missing_ok=True)
@@ -309,26 +379,39 @@ def test_readonly(options_run: DomainRun, system_libvirt: SystemLibvirt, shares:
 # ----------------------------------------------------------------- sandbox chroot, discovery
 
 
-def test_sandbox_chroot(chroot_discovery_run: DomainRun, system_libvirt: SystemLibvirt,
+def test_sandbox_chroot(launch_run: DomainRun, system_libvirt: SystemLibvirt,
                         shares: Path, request: pytest.FixtureRequest) -> None:
     """``<sandbox mode='chroot'/>`` (xattrs off, libvirt's default): shardfs serves it."""
-    attach_run(request.node, chroot_discovery_run, system_libvirt)
-    check_share(chroot_discovery_run, shares / "chroot", "chroot")
-    assert option_given(chroot_discovery_run.backend_command(shares / "chroot"),
+    attach_run(request.node, launch_run, system_libvirt)
+    check_share(launch_run, shares / "chroot", "chroot")
+    assert option_given(launch_run.backend_command(shares / "chroot"),
                         "--sandbox", "chroot")
-    backend_ok(chroot_discovery_run, "ua-chroot")
+    backend_ok(launch_run, "ua-chroot")
 
 
 def test_discovery_through_vhost_user_json(
-    chroot_discovery_run: DomainRun, system_libvirt: SystemLibvirt, shares: Path,
+    launch_run: DomainRun, system_libvirt: SystemLibvirt, shares: Path,
     request: pytest.FixtureRequest,
 ) -> None:
     """No ``<binary>``: libvirt takes the backend from /etc/qemu/vhost-user/10-shardfs.json."""
-    attach_run(request.node, chroot_discovery_run, system_libvirt)
-    check_share(chroot_discovery_run, shares / "found", "found")
-    cmd = chroot_discovery_run.backend_command(shares / "found")
+    attach_run(request.node, launch_run, system_libvirt)
+    check_share(launch_run, shares / "found", "found")
+    cmd = launch_run.backend_command(shares / "found")
     assert cmd[0] == str(SHARDFS_BINARY), cmd
-    backend_ok(chroot_discovery_run, "ua-found")
+    backend_ok(launch_run, "ua-found")
+
+
+def test_config_file_two_queues(launch_run: DomainRun, system_libvirt: SystemLibvirt,
+                                shares: Path, request: pytest.FixtureRequest) -> None:
+    """A daemon libvirt launches serves 2 queues: a ``--config`` wrapper as ``<binary>``."""
+    attach_run(request.node, launch_run, system_libvirt)
+    check_share(launch_run, shares / "queues", "queues")
+    per_queue = check_two_queues(launch_run, shares / "queues", "queues")
+    cmd = launch_run.backend_command(shares / "queues")
+    assert cmd[0] == str(system_libvirt.base / "shardfs-2q"), cmd
+    assert '"num-request-queues":2' in launch_run.domain_log, launch_run.describe()
+    print(f"guest interrupts per request queue: {per_queue}")
+    backend_ok(launch_run, "ua-queues")
 
 
 # ----------------------------------------------------------------- external daemon, 2 queues
@@ -358,28 +441,7 @@ def test_source_socket_two_queues(system_libvirt: SystemLibvirt, shares: Path,
     assert (grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)) == (QEMU_GROUP, 0o660)
     try:
         fs = VirtioFs("external", socket=daemon.socket_path)
-        script = PRELUDE + SHARE_FUNCTIONS + textwrap.dedent(
-            """\
-            step external_mount share_mount external
-            step external_read share_read external
-            step external_write share_write external
-            parallel() {
-                for cpu in 0 1; do
-                    taskset -c $cpu sh -c '
-                        for i in 1 2 3 4 5 6 7 8; do
-                            head -c 300000 /dev/urandom >$SHARES/external/cpu$0-$i.bin
-                        done
-                        cd $SHARES/external && sha256sum cpu$0-*.bin >"$CTL/cpu$0.sha256"
-                    ' $cpu &
-                done
-                wait
-                nproc >"$CTL/nproc"
-                cat /proc/interrupts >"$CTL/interrupts"
-            }
-            step external_parallel parallel
-            step external_umount share_umount external
-            """
-        )
+        script = PRELUDE + SHARE_FUNCTIONS + share_steps("external", parallel=True)
         run = system_libvirt.boot(script, filesystems=[fs], vcpus=queues,
                                   extra_xml=num_request_queues_override(fs.alias, queues))
         attach_run(request.node, run, system_libvirt)
@@ -388,26 +450,89 @@ def test_source_socket_two_queues(system_libvirt: SystemLibvirt, shares: Path,
              "--format", "json"], capture_output=True, text=True, check=True)
     finally:
         daemon.stop_and_check()
-    assert "num-request-queues" in run.domain_log and '"num-request-queues":2' in run.domain_log, (
-        run.describe())
+    assert '"num-request-queues":2' in run.domain_log, run.describe()
     check_share(run, share, "external")
-    run.assert_step("external_parallel")
-    result = run.ok()
-    assert result.ctl("nproc").strip() == str(queues)
-    for cpu in range(queues):
-        lines = result.ctl(f"cpu{cpu}.sha256").splitlines()
-        assert len(lines) == 8, result.ctl(f"cpu{cpu}.sha256")
-        for line in lines:
-            digest, name = line.split()
-            assert sha256_file(share / name) == digest, f"{name} differs from the guest's"
-    per_queue: dict[str, int] = {}
-    for line in result.ctl("interrupts").splitlines():
-        fields = line.split()
-        if fields and "-requests." in fields[-1]:
-            per_queue[fields[-1].rsplit(".", 1)[1]] = sum(
-                int(f) for f in fields[1:1 + queues] if f.isdigit())
-    assert sorted(per_queue) == ["0", "1"], result.ctl("interrupts")
-    assert all(n > 0 for n in per_queue.values()), per_queue
+    per_queue = check_two_queues(run, share, "external")
     served = {q["queue"]: q["requests"] for q in json.loads(stats.stdout)["queues"]}
     print(f"guest interrupts per request queue: {per_queue}; shardfs requests: {served}")
     assert all(served[q] > 0 for q in range(1, queues + 1)), served
+
+
+# ----------------------------------------------------------------- qemu:///session
+
+
+def test_session_idmap(guest_image: GuestImage, request: pytest.FixtureRequest) -> None:
+    """``qemu:///session`` as an unprivileged user, the backend confined by ``<idmap>``.
+
+    libvirt starts shardfs as the user with ``--uid-map``/``--gid-map`` (the
+    user at 0, its subordinate range from 1), so shardfs's default namespace
+    sandbox runs in a user namespace with those maps.  The guest's root
+    creates files owned by the user on the host, and a file the guest gives
+    uid 1000 belongs to subordinate id SUBUID + 999.
+
+    ``<binary path>`` names a wrapper the user can run: the checkout's venv
+    may live where the user cannot reach (its interpreter under /root).
+    """
+    reason = missing_prerequisites()
+    if reason is not None:
+        if os.environ.get("SHARDFS_REQUIRE_GUEST") == "1":
+            pytest.fail(f"SHARDFS_REQUIRE_GUEST=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    account = rootless_account()
+    base = make_base_dir()
+    try:
+        wrapper = base / "shardfs"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            "# scripts/shardfs for a user who cannot reach the checkout's venv\n"
+            f"PYTHONPATH={runtime()} exec {user_python(account)} -m shardfs \"$@\"\n")
+        wrapper.chmod(0o755)
+        share = seed_share(base / "share", seed=30)
+        for p in (share, share / "from_host.bin"):
+            os.chown(p, account.uid, account.gid)
+        idmap = "<idmap>" + "".join(
+            f"<{kind} start='0' target='{own}' count='1'/>"
+            f"<{kind} start='1' target='{sub}' count='{SUBID_COUNT}'/>"
+            for kind, own, sub in (("uid", account.uid, account.subuid),
+                                   ("gid", account.gid, account.subgid))
+        ) + "</idmap>"
+        fs = VirtioFs("session", source_dir=share, binary=wrapper, extra_xml=idmap)
+        script = PRELUDE + SHARE_FUNCTIONS + textwrap.dedent(
+            """\
+            step session_mount share_mount session
+            step session_read share_read session
+            step session_write share_write session
+            owners() {
+                touch $SHARES/session/by_root
+                touch $SHARES/session/by_1000
+                chown 1000:1000 $SHARES/session/by_1000
+                stat -c '%n %u:%g' $SHARES/session/by_root $SHARES/session/by_1000
+                test "$(stat -c %u:%g $SHARES/session/by_1000)" = 1000:1000
+                test "$(stat -c %u:%g $SHARES/session/from_host.bin)" = 0:0
+            }
+            step session_owners owners
+            step session_umount share_umount session
+            """
+        )
+        lv = SessionLibvirt(base, guest_image, user=account.name)
+        try:
+            run = lv.boot(script, filesystems=[fs])
+            attach_run(request.node, run, lv)
+        finally:
+            lv.close()
+        check_share(run, share, "session")
+        run.assert_step("session_owners")
+        cmd = run.backend_command(share)
+        print("libvirt ran:", shlex.join(cmd))
+        assert cmd[0] == str(wrapper), cmd
+        for kind, own, sub in (("--uid-map", account.uid, account.subuid),
+                               ("--gid-map", account.gid, account.subgid)):
+            assert f"{kind}=:0:{own}:1:" in cmd and f"{kind}=:1:{sub}:{SUBID_COUNT}:" in cmd, cmd
+        for name in ("from_guest.bin", "copy.bin", "by_root"):
+            st = os.stat(share / name)
+            assert (st.st_uid, st.st_gid) == (account.uid, account.gid), name
+        st = os.stat(share / "by_1000")
+        assert (st.st_uid, st.st_gid) == (account.subuid + 999, account.subgid + 999)
+        backend_ok(run, fs.alias)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
