@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,8 @@ from shardfs.abi import fuse as F
 from shardfs.abi.capability import CAP_MKNOD, CAP_SYS_ADMIN
 from shardfs.abi.fuse import FuseOpcode as Op
 from shardfs.dispatch import encode_dev
-from shardfs.testing.frontend import FuseClient
+from shardfs.testing import process
+from shardfs.testing.frontend import Frontend, FuseClient
 from tests.frontend.conftest import REPO, Daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and capabilities need root")
@@ -127,6 +129,44 @@ def mknod_chr(c: FuseClient, name: bytes) -> int:
                                                       encode_dev(NULL_RDEV), 0, 0)
                + name + b"\0")
     return -r.error
+
+
+# -- defaults of a launcher's command line -------------------------------------------------
+
+
+def test_no_xattr_flag_means_no_xattrs(tmp_path: Path) -> None:
+    """A launcher that passes no ``--xattr`` (libvirt's ``xattr='off'``) gets a share
+    without xattrs: every xattr op answers ENOSYS, as virtiofsd's, and the guest
+    kernel stops asking.  (The conftest Daemon passes --xattr, so this starts its own.)"""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("x")
+    sock = str(tmp_path / "vhost.sock")
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shardfs", "--socket-path", sock,
+                                 "--shared-dir", str(shared)], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while "serving" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        with Frontend(sock, num_queues=2) as fe:
+            fe.start()
+            c = FuseClient(fe)
+            init_flags(c)
+            nodeid = c.lookup(1, b"f")[0]
+            name = b"user.x\0"
+            # SETXATTR without FUSE_SETXATTR_EXT has the 8-byte header (size, flags).
+            for op, args in ((Op.FUSE_SETXATTR, F.fuse_getxattr_in.pack(1, 0) + name + b"v"),
+                             (Op.FUSE_GETXATTR, F.fuse_getxattr_in.pack(64, 0) + name),
+                             (Op.FUSE_LISTXATTR, F.fuse_getxattr_in.pack(64, 0)),
+                             (Op.FUSE_REMOVEXATTR, name)):
+                assert -c.call(op, nodeid, args).error == errno.ENOSYS, op
+    finally:
+        assert process.stop(proc) == 0, log_path.read_text()
+    assert not os.listxattr(shared / "f")
 
 
 # -- announce_submounts -------------------------------------------------------------
