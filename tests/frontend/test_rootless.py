@@ -16,6 +16,7 @@ the checkout, its venv or its Python may sit under /root (mode 0700).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
@@ -89,6 +90,10 @@ def rootless_account() -> Account:
              "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", USER)
         pw = pwd.getpwnam(USER)
     end = SUBID_START + SUBID_COUNT - 1
+    for path in ("/etc/subuid", "/etc/subgid"):  # usermod refuses to create them
+        if not os.path.exists(path):
+            with open(path, "a"):
+                os.chmod(path, 0o644)
     if _subid_start("/etc/subuid", USER) is None:
         _run("usermod", "--add-subuids", f"{SUBID_START}-{end}", USER)
     if _subid_start("/etc/subgid", USER) is None:
@@ -110,6 +115,7 @@ def as_user(account: Account) -> list[str]:
 def runtime() -> Path:
     """A world-readable copy of shardfs and its dependencies."""
     root = Path(tempfile.mkdtemp(prefix="shardfs-rootless-runtime-"))
+    atexit.register(shutil.rmtree, root, True)
     root.chmod(0o755)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "shardfs", root / "shardfs", ignore=skip)
@@ -171,7 +177,9 @@ class RootlessDaemon:
             while "serving" not in self.log_path.read_text():
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
+                    log = self.log_text()
+                    self.remove()
+                    raise RuntimeError(f"daemon did not start:\n{log}")
                 time.sleep(0.05)
 
     def log_text(self) -> str:
