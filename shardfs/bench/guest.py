@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardfs.testing.bench import REPO, cpu_seconds, find_virtiofsd, version_of
+from shardfs.bench.common import REPO, cpu_seconds, find_virtiofsd, version_of
 
 #: Seconds each fio phase runs.
 FIO_SECONDS = 5

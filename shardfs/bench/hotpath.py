@@ -1,4 +1,4 @@
-"""The worker's hot path alone, in one process: ``python -m shardfs.testing.bench_hotpath``.
+"""The worker's hot path alone, in one process: ``python -m shardfs.bench.hotpath``.
 
 A real :class:`~shardfs.proc.worker.Worker` (its ``serve`` loop, dispatcher
 and passthrough filesystem) serves a split ring that a driver in the same
@@ -7,9 +7,9 @@ counted, so the figure is the backend's own cost per request, with no
 wake-ups, no other process and no frontend: what profiling and before/after
 comparisons of hot-path changes need.
 
-    python -m shardfs.testing.bench_hotpath                 # every workload
-    python -m shardfs.testing.bench_hotpath --workloads getattr --profile cprofile
-    python -m shardfs.testing.bench_hotpath --profile pyinstrument
+    python -m shardfs.bench.hotpath                 # every workload
+    python -m shardfs.bench.hotpath --workloads getattr --profile cprofile
+    python -m shardfs.bench.hotpath --profile pyinstrument
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from types import SimpleNamespace
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
+from shardfs.bench.loadgen import LAYOUTS, Request, prebuild
 from shardfs.dispatch import Dispatcher
 from shardfs.fs.passthrough import PassthroughFs
 from shardfs.proc.worker import Worker
 from shardfs.testing.driver import DriverQueue, GuestRam
 from shardfs.testing.frontend import USER_ADDR_OFFSET
-from shardfs.testing.loadgen import LAYOUTS, Request, prebuild
 from shardfs.virtq.split import SplitQueue
 
 QUEUE_SIZE = 1024

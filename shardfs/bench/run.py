@@ -2,7 +2,7 @@
 
 Both backends are driven the same way: the in-repo vhost-user frontend shares
 memfd RAM with the daemon, pre-builds every request once
-(:mod:`shardfs.testing.loadgen`, :mod:`shardfs.testing.bench_workloads`) and
+(:mod:`shardfs.bench.loadgen`, :mod:`shardfs.bench.workloads`) and
 then only republishes heads, so what is measured is the backend's work.
 virtiofsd serves its one request queue; shardfs is measured with each count
 of ``--queues``, one driver process per queue.
@@ -37,69 +37,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardfs.bench.common import PEER, REPO, cpu_seconds, find_virtiofsd, version_of
+from shardfs.bench.loadgen import LAYOUTS, Plan, prebuild, run_parallel
+from shardfs.bench.workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
 from shardfs.testing import process
-from shardfs.testing.bench_workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
 from shardfs.testing.frontend import Frontend, FuseClient
-from shardfs.testing.loadgen import LAYOUTS, Plan, prebuild, run_parallel
 
-REPO = Path(__file__).resolve().parents[2]
-PEER = REPO / ".peer" / "virtiofsd" / "usr" / "libexec" / "virtiofsd"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUEUE_SIZE = 1024
 MEM_BYTES = 1 << 30
 #: A driver process busier than this is taken to be the bottleneck.
 FRONTEND_BOUND = 0.9
-
-
-# -- CPU accounting -------------------------------------------------------------
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every live descendant (children of any of their threads)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-            except FileNotFoundError:
-                pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid``'s process tree: every thread of every process.
-
-    Each thread's ``schedstat`` (nanoseconds on a CPU) is summed, so a
-    multi-threaded daemon such as virtiofsd counts all its threads.  Where
-    schedstat is missing, the process's utime + stime (all threads, clock
-    ticks) stands in.
-    """
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:
-            continue
-        try:
-            for tid in tids:
-                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0]) / 1e9
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        except OSError:
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-            except (OSError, IndexError):
-                pass
-    return total
 
 
 # -- the two daemons ------------------------------------------------------------------
@@ -159,29 +106,6 @@ def virtiofsd_cmd(binary: str, hardened: bool, extra: str) -> list[str]:
     if not hardened:
         cmd += ["--sandbox", "none", "--seccomp", "none"]
     return cmd + shlex.split(extra)
-
-
-def find_virtiofsd(explicit: str | None) -> str | None:
-    """The peer binary: ``--virtiofsd``, else .peer/ (scripts/get-virtiofsd), else PATH."""
-    candidates = [explicit] if explicit else [str(PEER), "/usr/libexec/virtiofsd",
-                                              "virtiofsd"]
-    for c in candidates:
-        path = c if os.path.sep in c else None
-        if path is None:
-            from shutil import which
-            path = which(c)
-        if path and os.access(path, os.X_OK):
-            try:
-                subprocess.run([path, "--version"], check=True, capture_output=True, timeout=10)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            return path
-    return None
-
-
-def version_of(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-    return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -388,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run fio and a metadata loop in a QEMU guest instead")
     args, rest = p.parse_known_args(argv)
     if args.guest:
-        from shardfs.testing.bench_guest import main as guest_main
+        from shardfs.bench.guest import main as guest_main
         return guest_main(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -438,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'bench.json'}")
     try:
-        from shardfs.testing.bench_chart import render
+        from shardfs.bench.chart import render
     except ImportError as e:  # matplotlib missing
         print(f"no chart ({e}): pip install -e '.[bench]'", file=sys.stderr)
     else:

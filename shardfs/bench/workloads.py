@@ -27,8 +27,7 @@ from pathlib import Path
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
-from shardfs.testing.frontend import FuseClient
-from shardfs.testing.loadgen import (
+from shardfs.bench.loadgen import (
     IN_ARGS_OFFSET,
     IN_NODEID_OFFSET,
     OUT_HDR,
@@ -36,6 +35,7 @@ from shardfs.testing.loadgen import (
     Chain,
     Request,
 )
+from shardfs.testing.frontend import FuseClient
 
 MIB = 1 << 20
 MB = 1_000_000

@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from shardfs.abi import fuse as F
-from shardfs.testing import bench
-from shardfs.testing.bench_workloads import (
+from shardfs.bench import common
+from shardfs.bench import run as bench
+from shardfs.bench.loadgen import IN_ARGS_OFFSET, IN_NODEID_OFFSET, LAYOUTS, OUT_HDR, Chain
+from shardfs.bench.workloads import (
     READ_IN_OFFSET,
     WORKLOADS,
     create_advance,
     readdirplus_advance,
 )
-from shardfs.testing.loadgen import IN_ARGS_OFFSET, IN_NODEID_OFFSET, LAYOUTS, OUT_HDR, Chain
 
 # -- CPU accounting ---------------------------------------------------------------
 
@@ -46,7 +47,7 @@ def test_cpu_seconds_counts_every_thread() -> None:
     try:
         while not spent:
             time.sleep(0.001)
-        assert bench.cpu_seconds(os.getpid()) >= spent[0] + time.thread_time() * 0.99
+        assert common.cpu_seconds(os.getpid()) >= spent[0] + time.thread_time() * 0.99
     finally:
         go_on.set()
         t.join()
@@ -60,9 +61,9 @@ def test_process_tree_finds_grandchildren() -> None:
     try:
         assert child.stdout is not None
         grandchild = int(child.stdout.readline())
-        tree = bench.process_tree(os.getpid())
+        tree = common.process_tree(os.getpid())
         assert child.pid in tree and grandchild in tree
-        assert bench.cpu_seconds(child.pid) >= 0
+        assert common.cpu_seconds(child.pid) >= 0
     finally:
         assert child.stdin is not None
         child.stdin.close()
@@ -72,7 +73,7 @@ def test_process_tree_finds_grandchildren() -> None:
 def test_cpu_seconds_of_a_dead_process_is_zero() -> None:
     p = subprocess.Popen(["true"])
     p.wait()
-    assert bench.cpu_seconds(p.pid) == 0.0
+    assert common.cpu_seconds(p.pid) == 0.0
 
 
 # -- request patching -------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_every_workload_runs_clean_on_two_queues(tmp_path: Path, layout: str) ->
 def test_every_workload_runs_clean_against_virtiofsd(tmp_path: Path) -> None:
     """The same pre-built requests, served by the real peer: the comparison
     is only fair if virtiofsd answers every one of them without an error."""
-    peer = bench.find_virtiofsd(None)
+    peer = common.find_virtiofsd(None)
     if peer is None:
         if os.environ.get("SHARDFS_REQUIRE_PEER") == "1":
             pytest.fail("virtiofsd is missing: run scripts/get-virtiofsd")
@@ -176,7 +177,7 @@ def test_report_pairs_and_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_chart_renders_headless(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the chart needs matplotlib (the bench extra)")
-    from shardfs.testing.bench_chart import render
+    from shardfs.bench.chart import render
 
     series, ratios = _series()
     meta = {"cpus": 2, "cpu_model": "x", "load_before": "0", "shardfs_rev": "r",
@@ -189,11 +190,11 @@ def test_chart_renders_headless(tmp_path: Path) -> None:
 
 
 def test_missing_peer_is_none() -> None:
-    assert bench.find_virtiofsd(str(Path("/nonexistent/virtiofsd"))) is None
+    assert common.find_virtiofsd(str(Path("/nonexistent/virtiofsd"))) is None
 
 
 def test_hotpath_harness_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from shardfs.testing import bench_hotpath
+    from shardfs.bench import hotpath as bench_hotpath
 
     for layout in LAYOUTS:
         assert bench_hotpath.main(["--requests", "64", "--runs", "1", "--batch", "4",

@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "shardfs"
 
 ALL = frozenset({"abi", "codec", "virtq", "fs", "dispatch", "proc", "config", "cli",
-                 "__main__", "testing", "__init__", "sandbox", "compat"})
+                 "__main__", "testing", "bench", "__init__", "sandbox", "compat"})
 #: layer -> the shardfs layers it may import.  A layer may always import itself.
 ALLOWED: dict[str, frozenset[str]] = {
     "abi": frozenset(),
@@ -26,11 +26,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "config": frozenset({"abi"}),
     "sandbox": frozenset({"abi"}),  # Linux calls only; proc applies it
     "compat": frozenset({"abi", "config"}),  # argv -> Config overrides, nothing more
-    "proc": ALL - {"testing"},
-    "cli": ALL - {"testing"},
+    "proc": ALL - {"testing", "bench"},
+    "cli": ALL - {"testing", "bench"},
     "__main__": frozenset({"cli"}),
     "__init__": frozenset(),
-    "testing": ALL,  # test doubles sit on top of everything
+    "testing": ALL - {"bench"},  # test doubles sit on top of the daemon
+    "bench": ALL,  # the benchmarks drive the daemon through the test doubles
 }
 
 
@@ -94,7 +95,9 @@ def test_imports_only_go_downward(path: Path) -> None:
                      + ", ".join(f"shardfs.{lay} (line {line})" for lay, line in bad))
 
 
-@pytest.mark.parametrize("path", [p for p in modules() if layer_of(p) != "testing"],
+@pytest.mark.parametrize("path", [p for p in modules()
+                                  if layer_of(p) not in ("testing", "bench")],
                          ids=lambda p: str(p.relative_to(PKG)))
 def test_nothing_outside_testing_imports_testing(path: Path) -> None:
-    assert "testing" not in {lay for lay, _ in imported_layers(path)}
+    """The daemon never imports its test doubles or its benchmarks."""
+    assert not {"testing", "bench"} & {lay for lay, _ in imported_layers(path)}
