@@ -38,7 +38,10 @@ host's namespace (its workers act on host ids directly).
 invoking user on the host.  An id the maps leave out cannot be used: a
 request from such a guest uid or gid is answered EINVAL (setfsuid(2) to an
 unmapped id is a silent no-op, so ``fs.passthrough.creds`` checks the map;
-virtiofsd's setresuid(2) answers EINVAL too).  The kernel judges the rest:
+virtiofsd's setresuid(2) answers EINVAL too).  A map that leaves 0 out
+(virtiofsd's own default maps the caller to its own id) serves the guest's
+root as the daemon's id, as virtiofsd never switches for 0.  The kernel
+judges the rest:
 capabilities inside apply only to inodes whose owner and group are mapped,
 so a host file of an unmapped owner is open to the guest's root no further
 than to the invoking user.  Supplementary groups cannot be dropped with
@@ -60,10 +63,11 @@ can be switched to, virtiofsd's own rule).
   left: pidfd_getfd(2) from the worker holding the fd needs that worker
   dumpable, which every fsuid switch clears (commit_creds), plus Yama's
   consent; passing fds over a socket needs the holder alive and answering,
-  which crash isolation rules out (``fs.passthrough.shared``).  For the same reason DAX (the
-  coordinator maps files by handle) is refused, and a worker that is
-  restarted after a crash answers EPERM for the nodes its predecessor
-  looked up.
+  which crash isolation rules out (``fs.passthrough.shared``).  For the
+  same reason DAX (the coordinator maps files by handle) is refused, and a
+  worker that is restarted after a crash answers EPERM for the nodes its
+  predecessor looked up, until the guest looks them up again (not refused:
+  a crash is a bug, and a restart is still better than none).
 * ``sandbox = chroot`` needs CAP_SYS_CHROOT in the host's namespace (as
   virtiofsd: root only).
 * ``uid_map``/``gid_map`` are only for a non-root daemon with
