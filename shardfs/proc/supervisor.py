@@ -41,6 +41,7 @@ import multiprocess
 from shardfs.abi import vhost_user as vu
 from shardfs.abi.vhost_user import ProtocolFeature as PF
 from shardfs.abi.virtio import (
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
     VIRTIO_FS_TAG_MAX,
@@ -49,7 +50,6 @@ from shardfs.abi.virtio import (
     virtio_fs_config,
 )
 from shardfs.codec.vhost_user import (
-    Device,
     FramingError,
     MemRegion,
     ProtocolError,
@@ -57,6 +57,7 @@ from shardfs.codec.vhost_user import (
     VhostUserSession,
     VringState,
     parse_header,
+    used_log_gpa,
 )
 from shardfs.config import Config
 from shardfs.fs.api import FileSystem
@@ -68,6 +69,7 @@ from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.coordinator import Coordinator, DaxSetup, attach_worker
 from shardfs.proc.dax import DaxClient, DaxShared, Geometry
+from shardfs.proc.migration import Migration, MigrationDevice
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
 from shardfs.sandbox import SandboxPolicy, confine, enter_user_namespace, isolate_daemon
@@ -81,10 +83,11 @@ LISTEN_BACKLOG = 16
 _PROGRESS = struct.Struct("<I")
 
 VIRTIO_FEATURES = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC
-                   | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
+                   | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+                   | 1 << VHOST_F_LOG_ALL)
 PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.CONFIGURE_MEM_SLOTS
                      | 1 << PF.BACKEND_REQ | 1 << PF.BACKEND_SEND_FD | 1 << PF.RESET_DEVICE
-                     | 1 << PF.STATUS)
+                     | 1 << PF.STATUS | 1 << PF.LOG_SHMFD | 1 << PF.DEVICE_STATE)
 
 
 def session_config(cfg: Config) -> SessionConfig:
@@ -163,7 +166,7 @@ class RingRecord:
     enabled: bool
 
 
-class WorkerDevice(Device):
+class WorkerDevice(MigrationDevice):
     """The Device the session drives, implemented over worker control sockets.
 
     It keeps its own dups of the memory-region, kick and call fds, so that a
@@ -250,6 +253,7 @@ class WorkerDevice(Device):
         rec = RingRecord([state.num, state.desc_addr, state.avail_addr, state.used_addr,
                           event_idx, indirect], kick_fd, call_fd, state.enabled)
         self.rings[index] = rec
+        self.ring_starting(index, used_log_gpa(state), state.num)
         self._start(index, rec, state.base, recover=False)
 
     def _start(self, index: int, rec: RingRecord, base: int, recover: bool) -> None:
@@ -305,6 +309,7 @@ class WorkerDevice(Device):
         if not self.regions:
             return
         self._call(self.workers[wid], *self._mem_set_msg())
+        self.replay_log(wid)
         for index, rec in self.rings.items():
             if self.owner_index(index) == wid:
                 base = _PROGRESS.unpack_from(self.progress, _PROGRESS.size * index)[0]
@@ -632,6 +637,7 @@ class Supervisor:
 
     def _serve(self, conn: socket.socket) -> None:
         device = self.device = WorkerDevice(self.workers, self.progress)
+        device.migration = Migration(self.cfg, self.shared)
         if self.dax_shared is not None:
             device.dax_cast = self._dax_cast
         session = VhostUserSession(device, session_config(self.cfg))
@@ -647,6 +653,7 @@ class Supervisor:
         finally:
             log.info("frontend disconnected; resetting the device")
             session.close()
+            device.migration.close()
             self.device = None
             conn.close()
 

@@ -38,6 +38,7 @@ from shardfs.proc import control
 from shardfs.proc.dax import DaxClient
 from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
 from shardfs.sandbox.userns import may_setgroups
+from shardfs.virtq.dirtylog import DirtyLog, LogState
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.split import QueueError, SplitQueue
 
@@ -130,6 +131,10 @@ class Worker:
         self.ep = select.epoll()
         self.dispatcher: Dispatcher | None = None
         self.running = True
+        #: Live migration: the dirty log to mark after every guest-memory
+        #: write, or None (the only cost when off: one test per request).
+        self.logging = LogState()
+        self.dirty: DirtyLog | None = None
 
     # -- process body ---------------------------------------------------------
 
@@ -242,6 +247,7 @@ class Worker:
         # With polling, _spin() watches the ring next and asks for kicks only
         # before it sleeps: a driver publishing meanwhile need not kick.
         rearm = not self.poll_ns
+        dirty = self.dirty
         try:
             while True:
                 q.disable_notification()
@@ -259,6 +265,8 @@ class Worker:
                         t0 = clock()
                         idle()
                         push(chain.head, handle(chain))
+                        if dirty is not None:
+                            dirty.mark_views(chain.writable)
                         dt = clock() - t0
                         if call_now is not None and call_now():
                             os.eventfd_write(call_fd, 1)  # type: ignore[arg-type]
@@ -274,6 +282,8 @@ class Worker:
             log.error("queue %d stopped: %s", q.index, e)
             ring.errors.append(str(e))
             q.ready = False
+        if dirty is not None:
+            dirty.mark_used(q.index)
         values[BUSY_NS] += busy_ns
         values[REQUESTS] += pushed
         values[ERRORS] += st.errors - before[0]
@@ -313,6 +323,8 @@ class Worker:
             self.running = False
 
     def _resolve_rings(self) -> None:
+        if self.dirty is not None:
+            self.dirty.set_regions(self.mem)
         for ring in self.rings.values():
             if ring.queue.num:
                 try:
@@ -388,7 +400,12 @@ class Worker:
             return
         for k in range(n):
             head = q.head_at((q.used_idx + k) & 0xFFFF)
-            q.push(head, self.dispatcher.fail(q.chain_at(self.mem, head), errno.EIO))
+            chain = q.chain_at(self.mem, head)
+            q.push(head, self.dispatcher.fail(chain, errno.EIO))
+            if self.dirty is not None and chain is not None:
+                self.dirty.mark_views(chain.writable)
+        if self.dirty is not None:
+            self.dirty.mark_used(q.index)
         if n:
             log.warning("queue %d: %d request(s) in flight in the dead worker answered EIO",
                         q.index, n)
@@ -400,6 +417,9 @@ class Worker:
         ring = self.rings.get(index)
         if ring is None:
             raise control.ControlError(f"ring {index} is not started here")
+        if self.dirty is not None:
+            # Before QEMU's last harvest: avail_event/flags writes made after a batch.
+            self.dirty.mark_used(index)
         base = ring.queue.stop()
         self._drop_ring(index)
         return base
@@ -436,10 +456,27 @@ class Worker:
         for index in list(self.rings):
             self._drop_ring(index)
         self.mem.clear()
+        self.logging.close()
+        self.dirty = None
         (drop_fs,) = args
         if drop_fs and self.dispatcher is not None:
             self.dispatcher.fs.destroy()
             self.dispatcher.initialized = False
+
+    def c_dirty_log(self, args: list[Any], fds: list[int]) -> None:
+        """SET_LOG_BASE (with an fd) or LOG_ALL on/off (without): see virtq.dirtylog."""
+        size, offset, enabled, has_fd = args
+        try:
+            self.dirty = self.logging.configure(size, offset, bool(enabled),
+                                                fds[0] if has_fd and fds else None, self.mem)
+        finally:
+            for fd in fds:
+                _close(fd)
+
+    def c_dirty_ring(self, args: list[Any], fds: list[int]) -> None:
+        """A ring's VHOST_VRING_F_LOG address (None: its used ring is not logged)."""
+        index, log_gpa, num = args
+        self.dirty = self.logging.ring(index, log_gpa, num, self.mem)
 
     def c_stats(self, args: list[Any], fds: list[int]) -> dict[str, Any]:
         assert self.dispatcher is not None

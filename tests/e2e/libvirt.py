@@ -59,7 +59,7 @@ import subprocess
 import tempfile
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -89,6 +89,8 @@ DAEMON_START_TIMEOUT_S = 120.0
 DOMAIN_TIMEOUT_S = 300.0
 #: How long libvirt may take to tear a domain down after its QEMU is gone.
 TEARDOWN_TIMEOUT_S = 60.0
+#: One virsh call (libvirtd probes QEMU's capabilities before it answers the first).
+VIRSH_TIMEOUT_S = 120.0
 #: Each poll of ``virsh domstate`` while a domain runs.
 POLL_INTERVAL_S = 0.5
 
@@ -428,6 +430,18 @@ class DomainRun:
             )
 
 
+#: Guest step that waits for the host's ``while_running`` call (see :meth:`Libvirt.boot`).
+PAUSE_STEP = textwrap.dedent(
+    """\
+    pause_for_host() {
+        : >"$CTL/ready"
+        while [ ! -e "$CTL/go" ]; do sleep 0.1; done
+    }
+    step pause pause_for_host
+    """
+)
+
+
 class Libvirt:
     """What both modes share: virsh against our daemons, and booting a domain."""
 
@@ -457,12 +471,17 @@ class Libvirt:
             p.chmod(0o644)
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            ["virsh", "-q", "-c", self.uri, *args],
-            capture_output=True, text=True, check=False, timeout=120 * TIMEOUT_SCALE,
-            cwd="/", user=self.virsh_user,
-            env=dict(self.virsh_env) if self.virsh_env is not None else None,
-        )
+        try:
+            res = subprocess.run(
+                ["virsh", "-q", "-c", self.uri, *args],
+                capture_output=True, text=True, check=False,
+                timeout=VIRSH_TIMEOUT_S * TIMEOUT_SCALE, stdin=subprocess.DEVNULL, cwd="/",
+                user=self.virsh_user,
+                env=dict(self.virsh_env) if self.virsh_env is not None else None,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise LibvirtError(f"virsh {shlex.join(args)} did not answer within {e.timeout:.0f}s\n"
+                               + self.describe()) from None
         if check and res.returncode != 0:
             raise LibvirtError(f"virsh {shlex.join(args)} failed ({res.returncode}): "
                                f"{res.stderr.strip()}\n" + self.describe())
@@ -479,6 +498,7 @@ class Libvirt:
         vcpus: int = 1,
         extra_xml: str = "",
         timeout_s: float = DOMAIN_TIMEOUT_S,
+        while_running: Callable[[str], None] | None = None,
     ) -> DomainRun:
         """Create a transient domain running *script* in the guest; wait until it is gone.
 
@@ -486,6 +506,10 @@ class Libvirt:
         assert on :attr:`DomainRun.create_error` or :meth:`DomainRun.ok`).  If
         the guest is still running after *timeout_s*, the domain is destroyed
         and GuestTimeout raised with the logs.
+
+        *while_running* (called with the domain's name) looks at the host while
+        the guest waits: the script signals with ``$CTL/ready`` (see
+        :data:`PAUSE_STEP`) and carries on once the call has returned.
         """
         self._counter += 1
         name = f"shardfs-{os.getpid()}-{self._counter}"
@@ -508,7 +532,10 @@ class Libvirt:
         created = self.virsh("create", str(xml_path), check=False)
         result: GuestResult | None = None
         if created.returncode == 0:
-            self._wait_gone(name, start + timeout_s * TIMEOUT_SCALE, work)
+            deadline = start + timeout_s * TIMEOUT_SCALE
+            if while_running is not None:
+                self._pause(name, ctl, deadline, work, while_running)
+            self._wait_gone(name, deadline, work)
             code = read_text(ctl / "exit_code").strip()
             result = GuestResult(
                 exit_code=int(code) if code.lstrip("-").isdigit() else None,
@@ -534,6 +561,21 @@ class Libvirt:
             [str(fs.source_dir) for fs in filesystems if fs.source_dir is not None])
         return run
 
+    def _pause(self, name: str, ctl: Path, deadline: float, work: Path,
+               call: Callable[[str], None]) -> None:
+        """Wait for ``$CTL/ready`` (or the domain's end), call *call*, release the guest."""
+        try:
+            while not (ctl / "ready").exists():
+                if self.virsh("domstate", name, check=False).returncode != 0:
+                    return  # ended without pausing: the step's result will say why
+                if time.monotonic() > deadline:
+                    return  # _wait_gone destroys it and reports
+                time.sleep(POLL_INTERVAL_S)
+            call(name)
+        finally:
+            (ctl / "go").touch()
+            os.chown(ctl / "go", *self.qemu_ids)
+
     def _wait_gone(self, name: str, deadline: float, work: Path) -> None:
         """Poll until libvirt has torn the domain down (QEMU gone, backends stopped)."""
         while self.virsh("domstate", name, check=False).returncode == 0:
@@ -546,6 +588,13 @@ class Libvirt:
                     f"{tail(read_text(self.domain_log_dir / f'{name}.log'), 20)}"
                 )
             time.sleep(POLL_INTERVAL_S)
+
+    def backend_pid(self, alias: str) -> int:
+        """The pid of the backend libvirt runs for device *alias* (from its pidfile,
+        ``SHORTNAME-ALIAS-fs.pid`` in libvirt's state)."""
+        found = sorted(self.base.rglob(f"*-{alias}-fs.pid"))
+        assert len(found) == 1, f"pidfiles for {alias}: {found}"
+        return int(found[0].read_text().strip())
 
     def _commands_since(self, offset: int) -> list[list[str]]:
         with open(self.libvirtd_log, "rb") as f:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from guest import GuestImage, ShardfsDaemon, attach_artifact, daemon_python
 from libvirt import (
+    PAUSE_STEP,
     QEMU_GROUP,
     SHARDFS_BINARY,
     DomainRun,
@@ -70,12 +71,14 @@ SHARE_FUNCTIONS = textwrap.dedent(
         grep " $SHARES/$1 virtiofs " /proc/mounts
     }}
     share_read() {{
-        sha256sum $SHARES/$1/from_host.bin | cut -d' ' -f1 >"$CTL/$1.from_host.sha256"
+        digest=$(sha256sum <$SHARES/$1/from_host.bin)  # no pipe: a read error fails the step
+        echo "${{digest%% *}}" >"$CTL/$1.from_host.sha256"
     }}
     share_write() {{
         cp $SHARES/$1/from_host.bin $SHARES/$1/copy.bin
         head -c {GUEST_FILE_SIZE} /dev/urandom >$SHARES/$1/from_guest.bin
-        sha256sum $SHARES/$1/from_guest.bin | cut -d' ' -f1 >"$CTL/$1.from_guest.sha256"
+        digest=$(sha256sum <$SHARES/$1/from_guest.bin)
+        echo "${{digest%% *}}" >"$CTL/$1.from_guest.sha256"
         mkdir -p $SHARES/$1/dir/sub
         echo "written by the guest on $1" >$SHARES/$1/dir/sub/note.txt
         sync
@@ -142,13 +145,15 @@ def check_share(run: DomainRun, share: Path, tag: str, *, writable: bool = True)
     run.assert_step(f"{tag}_mount")
     run.assert_step(f"{tag}_read")
     result = run.ok()
-    assert result.ctl(f"{tag}.from_host.sha256").strip() == sha256_file(share / "from_host.bin")
+    assert result.ctl(f"{tag}.from_host.sha256").strip() == sha256_file(
+        share / "from_host.bin"), result.ctl(f"{tag}_read.log") + run.describe()
     if writable:
         run.assert_step(f"{tag}_write")
         assert (share / "copy.bin").read_bytes() == (share / "from_host.bin").read_bytes()
         written = share / "from_guest.bin"
         assert written.stat().st_size == GUEST_FILE_SIZE
-        assert sha256_file(written) == result.ctl(f"{tag}.from_guest.sha256").strip()
+        assert sha256_file(written) == result.ctl(f"{tag}.from_guest.sha256").strip(), (
+            result.ctl(f"{tag}_write.log") + run.describe())
         note = share / "dir" / "sub" / "note.txt"
         assert note.read_text() == f"written by the guest on {tag}\n"
     run.assert_step(f"{tag}_umount")
@@ -239,9 +244,21 @@ OPTION_CASES = {
 }
 
 
+#: alias -> what ``shardfs stats --pid`` said about the options domain's backends
+#: while the guest was paused (its exit status and output).
+OPTIONS_STATS: dict[str, subprocess.CompletedProcess[str]] = {}
+#: alias -> the pid libvirt's pidfile gave for it.
+OPTIONS_PIDS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
-    """One domain, one shardfs per ``<filesystem>``: defaults, cache/xattr/pool, read-only."""
+    """One domain, one shardfs per ``<filesystem>``: defaults, cache/xattr/pool, read-only.
+
+    Before it powers off, the guest waits while the host reads each backend's
+    counters with ``shardfs stats --pid`` (libvirt passes ``--fd`` and no
+    socket path, so the status socket is at its documented default).
+    """
     filesystems = []
     for i, (tag, fs) in enumerate(OPTION_CASES.items()):
         share = seed_share(shares / tag, seed=i)
@@ -252,8 +269,21 @@ def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
         share_steps("always", setfattr=True),
         share_steps("never", setfattr=True),
         share_steps("ro", writable=False),
+        PAUSE_STEP,
     ])
-    return system_libvirt.boot(script, filesystems=filesystems)
+
+    def read_stats(name: str) -> None:
+        for fs in filesystems:
+            try:
+                pid = OPTIONS_PIDS[fs.alias] = system_libvirt.backend_pid(fs.alias)
+            except AssertionError as e:
+                OPTIONS_STATS[fs.alias] = subprocess.CompletedProcess([], 1, "", str(e))
+                continue
+            OPTIONS_STATS[fs.alias] = subprocess.run(
+                [daemon_python(), "-m", "shardfs", "stats", "--pid", str(pid), "--format", "json"],
+                capture_output=True, text=True, check=False, timeout=60)
+
+    return system_libvirt.boot(script, filesystems=filesystems, while_running=read_stats)
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +404,20 @@ def test_readonly(options_run: DomainRun, system_libvirt: SystemLibvirt, shares:
     assert sorted(p.name for p in (shares / "ro").iterdir()) == ["from_host.bin"]
     assert option_given(options_run.backend_command(shares / "ro"), "--readonly")
     backend_ok(options_run, "ua-ro")
+
+
+def test_stats_of_a_daemon_libvirt_started(options_run: DomainRun) -> None:
+    """``--fd`` alone: ``shardfs stats --pid PID`` reaches each daemon libvirt started."""
+    options_run.assert_step("pause")
+    assert sorted(OPTIONS_STATS) == sorted(fs.alias for fs in OPTION_CASES.values())
+    for alias, done in OPTIONS_STATS.items():
+        assert done.returncode == 0, f"{alias}: shardfs stats --pid failed: {done.stderr}"
+        stats = json.loads(done.stdout)
+        served = {q["queue"]: q["requests"] for q in stats["queues"]}
+        assert served.get(1, 0) > 0, f"{alias}: {served}"
+    # libvirt stopped them (SIGTERM) when the domain ended: each removed its socket.
+    stale = [p for p in OPTIONS_PIDS.values() if Path(f"/run/shardfs/stats-{p}.sock").exists()]
+    assert not stale, f"status sockets left behind by {stale}\n" + options_run.describe()
 
 
 # ----------------------------------------------------------------- sandbox chroot, discovery
