@@ -237,29 +237,43 @@ class Dispatcher:
     # -- entry point ------------------------------------------------------------
 
     def handle(self, chain: DescriptorChain) -> int:
-        """Serve one chain; return the used length to put in the used ring."""
-        w = ChainWriter(chain.writable, chain.writable_len)
+        """Serve one chain; return the used length to put in the used ring.
+
+        The commonest requests (GETATTR, LOOKUP, READ, WRITE) in the shapes
+        guests send (header, arguments and reply header each whole in a view)
+        take a fast path (:data:`FAST`) that decodes and packs straight on
+        the views, without a ChainReader or ChainWriter.  Anything else, and
+        any request a fast path does not recognise before it acts, takes the
+        general path below; both give the same replies (tests/unit/test_fastpath.py).
+        """
         stats = self.stats
         stats.requests += 1
         rbufs = chain.readable
         first = len(rbufs[0]) if rbufs else 0
-        try:
-            if first >= _IN_HEADER_SIZE:  # the header in one view: no stream needed for it
-                (length, opcode, unique, nodeid, uid, gid, pid, extlen,
-                 _pad) = _unpack_in(rbufs[0], 0)
-                r = (ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 0,
-                                 _IN_HEADER_SIZE) if first > _IN_HEADER_SIZE
-                     else ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 1))
-            else:
-                r = ChainReader(rbufs, chain.readable_len)
+        if first >= _IN_HEADER_SIZE:  # the header in one view: no stream needed for it
+            (length, opcode, unique, nodeid, uid, gid, pid, extlen,
+             _pad) = _unpack_in(rbufs[0], 0)
+            spec = FAST.get(opcode)
+            if spec is not None and not extlen and length <= chain.readable_len:
+                n = self._fast(spec, chain, rbufs, first, length, opcode, unique, nodeid,
+                               (uid, gid, pid))
+                if n is not None:
+                    return n
+            r = (ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 0,
+                             _IN_HEADER_SIZE) if first > _IN_HEADER_SIZE
+                 else ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 1))
+        else:
+            r = ChainReader(rbufs, chain.readable_len)
+            try:
                 (length, opcode, unique, nodeid, uid, gid, pid, extlen,
                  _pad) = r.read_struct(_IN_HEADER)
-        except ShortRead:
-            stats.malformed += 1
-            stats.dropped += 1
-            log.warning("dropped a chain of %d bytes: too short for fuse_in_header",
-                        chain.readable_len)
-            return 0
+            except ShortRead:
+                stats.malformed += 1
+                stats.dropped += 1
+                log.warning("dropped a chain of %d bytes: too short for fuse_in_header",
+                            chain.readable_len)
+                return 0
+        w = ChainWriter(chain.writable, chain.writable_len)
         body = length - _IN_HEADER_SIZE - 8 * extlen
         if body < 0 or length > chain.readable_len:
             stats.malformed += 1
@@ -309,6 +323,68 @@ class Dispatcher:
         else:
             _OUT_HEADER.pack_into(spot[0], spot[1], total, 0, unique)
         return total
+
+    def _fast(self, spec: FastSpec, chain: DescriptorChain, rbufs: list[memoryview],
+              first: int, length: int, opcode: int, unique: int, nodeid: int,
+              key: tuple[int, int, int]) -> int | None:
+        """The fast path of :meth:`handle`: the used length, or None (take the general path).
+
+        Recognised: the arguments whole in the header's view (right after
+        it) or at the start of the next view, at least as many bytes of them
+        as the header's ``len`` says, and the reply header and any fixed
+        reply whole in the first writable view, or the header alone there
+        and the reply at the start of the next one.  The op's function
+        returns None too when it sees a shape it leaves to the general path,
+        always before the filesystem acts.
+        """
+        args_size, reply_size, fn = spec
+        if length < _IN_HEADER_SIZE + args_size:
+            return None  # the general path answers EINVAL
+        if first > _IN_HEADER_SIZE and first >= _IN_HEADER_SIZE + args_size:
+            av, apos = rbufs[0], _IN_HEADER_SIZE
+        elif first == _IN_HEADER_SIZE and len(rbufs) > 1 and len(rbufs[1]) >= args_size:
+            av, apos = rbufs[1], 0
+        else:
+            return None
+        wbufs = chain.writable
+        if not wbufs:
+            return None
+        w0 = wbufs[0]
+        if len(w0) >= OUT_HDR + reply_size:
+            rv, rpos = w0, OUT_HDR
+        elif len(w0) == OUT_HDR and len(wbufs) > 1 and len(wbufs[1]) >= reply_size:
+            rv, rpos = wbufs[1], 0
+        else:
+            return None
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._context(key)
+        try:
+            n = fn(self, ctx, nodeid, av, apos, length - _IN_HEADER_SIZE, rv, rpos, chain)
+        except Exception as e:
+            return self._failed(ChainWriter(wbufs, chain.writable_len), unique, opcode, e)
+        if n is None:
+            return None
+        total = OUT_HDR + n
+        if chain.writable_len < total:
+            self.stats.dropped += 1
+            return 0
+        _OUT_HEADER.pack_into(w0, 0, total, 0, unique)
+        return total
+
+    def _failed(self, w: ChainWriter, unique: int, opcode: int, e: Exception) -> int:
+        """The reply to a fast path that raised ``e``: as :meth:`handle`'s except clauses."""
+        if isinstance(e, FsError):
+            return self._reply_error(w, unique, e.errno, opcode)
+        if isinstance(e, OSError):
+            return self._reply_error(w, unique, e.errno or errno.EIO, opcode)
+        if isinstance(e, (ShortRead, Malformed)):
+            self.stats.malformed += 1
+            log.warning("opcode %d unique %d malformed: %s", opcode, unique, e)
+            return self._reply_error(w, unique, errno.EINVAL, opcode)
+        self.stats.bugs += 1
+        log.error("bug while serving opcode %d unique %d", opcode, unique, exc_info=e)
+        return self._reply_error(w, unique, errno.EIO, opcode)
 
     def _context(self, key: tuple[int, int, int]) -> Context:
         """The (frozen, shareable) Context for ``key``, kept for the next request.
@@ -787,6 +863,89 @@ REPLY_BYTES = {
     Op.FUSE_SETATTR: F.fuse_attr_out.size,
     Op.FUSE_WRITE: F.fuse_write_out.size,
     Op.FUSE_INIT: F.fuse_init_out.size,
+}
+
+
+# -- fast paths (Dispatcher._fast) ----------------------------------------------
+# Each takes (dispatcher, ctx, nodeid, args view, args position, body length,
+# reply view, reply position, chain) and returns the reply body's length, or
+# None, before acting, for a shape it leaves to the general path.  Each must
+# answer exactly as its op_* does (tests/unit/test_fastpath.py checks it).
+
+_READ_IN, _WRITE_IN, _WRITE_OUT = F.fuse_read_in, F.fuse_write_in, F.fuse_write_out
+_unpack_getattr_in = _GETATTR_IN.unpack_from
+_unpack_read_in = _READ_IN.unpack_from
+_pack_write_out = _WRITE_OUT.pack_into
+_ATTR_OUT_SIZE, _ENTRY_OUT_SIZE, _WRITE_OUT_SIZE = (_ATTR_OUT.size, _ENTRY_OUT.size,
+                                                    _WRITE_OUT.size)
+_MAX_OFFSET = _U64 >> 1
+
+
+def _fast_getattr(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
+                  body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
+    flags, _, fh = _unpack_getattr_in(av, apos)
+    st, timeout = d.fs.getattr(ctx, nodeid, fh if flags & _GETATTR_FH else None)
+    valid, valid_ns = _split_timeout(timeout)
+    _pack_attr_out(rv, rpos, valid, valid_ns, st)
+    return _ATTR_OUT_SIZE
+
+
+def _fast_lookup(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
+                 body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
+    end = apos + (body if body < MAX_NAME_BYTES else MAX_NAME_BYTES)
+    if end > len(av):
+        return None  # the name runs on into another view
+    data = bytes(av[apos:end])
+    nul = data.find(b"\0")
+    if nul < 0:
+        return None  # the general path calls it malformed
+    _pack_entry_out(rv, rpos, d.fs.lookup(ctx, nodeid, data[:nul]))
+    return _ENTRY_OUT_SIZE
+
+
+def _fast_read(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
+               body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
+    fh, offset, size, _rflags, _owner, _flags, _ = _unpack_read_in(av, apos)
+    if size > MAX_READ or offset > _MAX_OFFSET:
+        return None
+    wbufs = chain.writable
+    if len(wbufs[0]) == OUT_HDR and size == chain.writable_len - OUT_HDR:
+        bufs = wbufs[1:]  # the data pages after a reply header of its own (Linux)
+    else:
+        bufs = ChainWriter(wbufs, chain.writable_len).views_at(OUT_HDR, size)
+    n = d.fs.read(ctx, nodeid, fh, offset, bufs)
+    d.stats.bytes_read += n
+    return n
+
+
+def _fast_write(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
+                body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
+    fh, offset, size, write_flags, _owner, _flags, _ = _unpack_read_in(av, apos)
+    args_end = apos + _WRITE_IN.size
+    # The common shape only: the arguments end their view and the payload is
+    # every view after it, nothing more (a header of its own, or with the
+    # arguments in one view).
+    if (size > MAX_WRITE or offset > _MAX_OFFSET or args_end != len(av)
+            or size != body - _WRITE_IN.size or body + _IN_HEADER_SIZE != chain.readable_len):
+        return None
+    rbufs = chain.readable
+    payload = rbufs[1:] if apos else rbufs[2:]
+    n = d.fs.write(ctx, nodeid, fh, offset, payload, write_flags)
+    d.stats.bytes_written += n
+    _pack_write_out(rv, rpos, n, 0)
+    return _WRITE_OUT_SIZE
+
+
+FastFn = Callable[[Dispatcher, Context, int, memoryview, int, int, memoryview, int,
+                   DescriptorChain], "int | None"]
+#: (argument bytes, fixed reply bytes, function)
+FastSpec = tuple[int, int, FastFn]
+#: The opcodes with a fast path (Dispatcher._fast).
+FAST: dict[int, FastSpec] = {
+    int(Op.FUSE_GETATTR): (_GETATTR_IN.size, _ATTR_OUT_SIZE, _fast_getattr),
+    int(Op.FUSE_LOOKUP): (0, _ENTRY_OUT_SIZE, _fast_lookup),
+    int(Op.FUSE_READ): (_READ_IN.size, 0, _fast_read),
+    int(Op.FUSE_WRITE): (_WRITE_IN.size, _WRITE_OUT_SIZE, _fast_write),
 }
 
 
