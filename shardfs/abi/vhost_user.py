@@ -152,3 +152,22 @@ MAX_MEM_SLOTS = 32
 
 #: Device status bits (virtio 1.2 §2.1), for SET_STATUS.
 VIRTIO_CONFIG_S_DRIVER_OK = 4
+
+# -- live migration (spec: "Migration", "Migrating back-end state") ----------
+
+#: struct VhostUserLog { u64 mmap_size; u64 mmap_offset; } (SET_LOG_BASE with LOG_SHMFD).
+#: The message list calls the payload "u64"; QEMU sends this 16-byte Log description.
+vhost_user_log = struct.Struct("<QQ")
+#: struct vhost_vring_addr flags bit 0: log used-ring writes at ``log`` (VHOST_VRING_F_LOG).
+VHOST_VRING_F_LOG = 0x1 << 0
+#: Dirty-log granularity: one bit per VHOST_LOG_PAGE bytes of guest-physical space.
+VHOST_LOG_PAGE = 0x1000
+#: struct VhostUserTransferDeviceState { u32 direction; u32 phase; } (SET_DEVICE_STATE_FD).
+vhost_user_transfer_state = struct.Struct("<II")
+VHOST_TRANSFER_STATE_DIRECTION_SAVE = 0
+VHOST_TRANSFER_STATE_DIRECTION_LOAD = 1
+#: The only phase the spec defines: both devices suspended, after RAM, before switch-over.
+VHOST_TRANSFER_STATE_PHASE_STOPPED = 0
+#: SET_DEVICE_STATE_FD reply: bits 0-7 the status (0 ok), bit 8 "no fd returned".
+VHOST_USER_DEVICE_STATE_STATUS_MASK = 0xFF
+VHOST_USER_DEVICE_STATE_NOFD = 0x1 << 8

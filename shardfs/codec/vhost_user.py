@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from shardfs.abi import vhost_user as vu
 from shardfs.abi.vhost_user import FrontendReq, ProtocolFeature
 from shardfs.abi.virtio import (
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -138,6 +139,29 @@ class Device:
         """The frontend went away: release memory, channels and guest state."""
         raise NotImplementedError
 
+    # -- migration (spec: "Migration", "Migrating back-end state"); a device
+    # -- without it refuses, so the session answers failure, never crashes.
+
+    def log_base(self, fd: int, size: int, offset: int) -> None:
+        """SET_LOG_BASE: the dirty log is ``size`` bytes at ``offset`` in ``fd`` (owned)."""
+        os.close(fd)
+        raise ProtocolError("this device keeps no dirty log")
+
+    def log_all(self, enabled: bool) -> None:
+        """VHOST_F_LOG_ALL was acked (True) or cleared (False) by SET_FEATURES."""
+
+    def ring_log(self, index: int, log_gpa: int | None, num: int) -> None:
+        """A started ring's used-ring logging changed (SET_VRING_ADDR flags)."""
+
+    def device_state(self, direction: int, fd: int) -> None:
+        """SET_DEVICE_STATE_FD: start saving into / loading from ``fd`` (owned)."""
+        os.close(fd)
+        raise ProtocolError("this device has no migratable state")
+
+    def check_device_state(self) -> bool:
+        """CHECK_DEVICE_STATE: wait for the transfer to end; whether it succeeded."""
+        return False
+
 
 @dataclass
 class SessionConfig:
@@ -192,7 +216,8 @@ class VhostUserSession:
             ok = False
             # Fix (unit tests): GET_* always reply, refused or not.  Answering
             # nothing left the frontend blocked forever on its read.
-            if request in _ALWAYS_REPLY:
+            if request in _ALWAYS_REPLY and (request != FrontendReq.SET_LOG_BASE
+                                             or self._has_protocol(ProtocolFeature.LOG_SHMFD)):
                 reply = _refusal(request, payload)
         finally:
             for fd in fds:
@@ -256,8 +281,13 @@ class VhostUserSession:
         extra = features & ~self.config.virtio_features
         if extra:
             raise ProtocolError(f"features {extra:#x} were not offered")
+        logging_was = self.acked_features >> VHOST_F_LOG_ALL & 1
         self.acked_features = features
         log.info("virtio features acked: %#x", features)
+        if features >> VHOST_F_LOG_ALL & 1 != logging_was:
+            # QEMU starts dirty logging with LOG_ALL, and clears it when a
+            # migration ends or is cancelled (the source then serves on).
+            self.device.log_all(not logging_was)
 
     def _h_GET_PROTOCOL_FEATURES(self, payload: bytes, fds: list[int]) -> bytes:
         return vu.u64.pack(self.config.protocol_features)
@@ -334,6 +364,9 @@ class VhostUserSession:
         vr = self._vring(index)
         vr.addr_flags, vr.desc_addr, vr.used_addr, vr.avail_addr = flags, desc, used, avail
         vr.log_addr = log_addr
+        if vr.started:
+            # QEMU toggles VHOST_VRING_F_LOG on running rings when logging starts/stops.
+            self.device.ring_log(index, used_log_gpa(vr), vr.num)
 
     def _h_SET_VRING_BASE(self, payload: bytes, fds: list[int]) -> None:
         index, base = self._state(payload)
@@ -407,6 +440,50 @@ class VhostUserSession:
             raise ProtocolError("SET_BACKEND_REQ_FD without BACKEND_REQ")
         self.device.backend_channel(self._take_fd(fds))
 
+    def _h_SET_LOG_BASE(self, payload: bytes, fds: list[int]) -> bytes:
+        """Map the dirty log (spec: "Migration").  With LOG_SHMFD the frontend
+        waits for a reply carrying this request code; the Log description is
+        echoed, as rust-vmm does (QEMU checks only the code)."""
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD")
+        if len(payload) < vu.vhost_user_log.size:
+            raise ProtocolError("SET_LOG_BASE payload too short for the Log description")
+        size, offset = vu.vhost_user_log.unpack_from(payload)
+        self.device.log_base(self._take_fd(fds), size, offset)
+        return vu.vhost_user_log.pack(size, offset)
+
+    def _h_SET_LOG_FD(self, payload: bytes, fds: list[int]) -> None:
+        """An optional "log modified" eventfd; QEMU sends none and we signal none."""
+
+    def _h_SET_DEVICE_STATE_FD(self, payload: bytes, fds: list[int]) -> bytes:
+        """Start a state transfer over the frontend's pipe (we offer no fd of ours,
+        so the reply always has the "no fd" bit; bits 0-7 say success)."""
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            raise ProtocolError("SET_DEVICE_STATE_FD without DEVICE_STATE")
+        if len(payload) < vu.vhost_user_transfer_state.size:
+            raise ProtocolError("SET_DEVICE_STATE_FD payload too short")
+        direction, phase = vu.vhost_user_transfer_state.unpack_from(payload)
+        fd = self._take_fd(fds)
+        status = 0
+        try:
+            if direction not in (vu.VHOST_TRANSFER_STATE_DIRECTION_SAVE,
+                                 vu.VHOST_TRANSFER_STATE_DIRECTION_LOAD):
+                _close(fd)
+                raise ProtocolError(f"unknown transfer direction {direction}")
+            if phase != vu.VHOST_TRANSFER_STATE_PHASE_STOPPED:
+                _close(fd)
+                raise ProtocolError(f"unknown transfer phase {phase}")
+            self.device.device_state(direction, fd)
+        except ProtocolError as e:
+            log.error("SET_DEVICE_STATE_FD refused: %s", e)
+            status = 1
+        return vu.u64.pack(vu.VHOST_USER_DEVICE_STATE_NOFD | status)
+
+    def _h_CHECK_DEVICE_STATE(self, payload: bytes, fds: list[int]) -> bytes:
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            raise ProtocolError("CHECK_DEVICE_STATE without DEVICE_STATE")
+        return vu.u64.pack(0 if self.device.check_device_state() else 1)
+
     def _h_GET_CONFIG(self, payload: bytes, fds: list[int]) -> bytes:
         if len(payload) < vu.vhost_user_config.size:
             raise ProtocolError("GET_CONFIG payload too short")
@@ -433,8 +510,16 @@ class VhostUserSession:
         return encode_shmem_config(self.config.shmem_sizes)
 
 
+def used_log_gpa(vr: VringState) -> int | None:
+    """Where a ring's used-ring writes are logged: ``log_guest_addr`` when
+    SET_VRING_ADDR set VHOST_VRING_F_LOG, else None (spec: "Migration")."""
+    return vr.log_addr if vr.addr_flags & vu.VHOST_VRING_F_LOG else None
+
+
 #: Requests whose reply the frontend always waits for (spec: "REPLY_ACK").
-_ALWAYS_REPLY = frozenset(r for r in FrontendReq if r.name.startswith("GET_"))
+_ALWAYS_REPLY = frozenset([r for r in FrontendReq if r.name.startswith("GET_")]
+                          + [FrontendReq.SET_DEVICE_STATE_FD, FrontendReq.CHECK_DEVICE_STATE,
+                             FrontendReq.SET_LOG_BASE])
 
 
 def _refusal(request: int, payload: bytes) -> bytes:
@@ -445,6 +530,10 @@ def _refusal(request: int, payload: bytes) -> bytes:
     Any other GET_* answers an empty body, which QEMU's size check turns into
     an error instead of a hang.
     """
+    if request == FrontendReq.SET_DEVICE_STATE_FD:
+        return vu.u64.pack(vu.VHOST_USER_DEVICE_STATE_NOFD | 1)
+    if request == FrontendReq.CHECK_DEVICE_STATE:
+        return vu.u64.pack(1)
     if request == FrontendReq.GET_CONFIG and len(payload) >= vu.vhost_user_config.size:
         offset, _, flags = vu.vhost_user_config.unpack_from(payload)
         return vu.vhost_user_config.pack(offset, 0, flags)
