@@ -22,9 +22,9 @@ from shardfs.proc.limits import apply_rlimit_nofile
 
 #: What ``--print-capabilities`` says (docs/interop/vhost-user.json, "fs"
 #: features).  "separate-options" makes libvirt pass virtiofsd's modern
-#: options rather than the C daemon's ``-o`` list; "migrate-precopy" waits
-#: for migration (README "Migration").
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+#: options rather than the C daemon's ``-o`` list; "migrate-precopy": live
+#: migration with the state in QEMU's stream (README "Migration"), as virtiofsd.
+CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 #: Python logging levels for virtiofsd's names; "off" is above every level.
 _LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
                "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG,

@@ -117,16 +117,20 @@ OPTIONS: tuple[Option, ...] = (
     # -- logging ----------------------------------------------------------------------------
     Option("--log-level", "log_level", "value", "error | warn | info | debug | trace | off",
            effect="trace logs as debug", metavar="LEVEL"),
-    # -- migration (accepted; see README "Migration") ------------------------------------
+    # -- migration (see README "Migration") --------------------------------------------------
     Option("--migration-mode", "migration_mode", "value", "find-paths | file-handles",
-           effect="accepted; shardfs does not offer migration yet, so QEMU refuses to "
-           "migrate and the setting is never used", metavar="MODE"),
+           effect="as virtiofsd (the source's setting); find-paths reads each path from "
+           "the live inode at switch-over, so host renames before it are followed too",
+           metavar="MODE"),
     Option("--migration-on-error", "migration_on_error", "value", "abort | guest-error",
-           effect="as --migration-mode", metavar="ACTION"),
+           effect="as virtiofsd on the destination; on the source, abort also fails the "
+           "save when a node cannot be located, so the source serves on", metavar="ACTION"),
     Option("--migration-verify-handles", "migration_verify_handles", "flag",
-           "check file handles on the destination", effect="as --migration-mode"),
+           "check file handles on the destination",
+           effect="as virtiofsd (find-paths: the destination compares each file handle)"),
     Option("--migration-confirm-paths", "migration_confirm_paths", "flag",
-           "re-check paths at switch-over", effect="as --migration-mode"),
+           "re-check paths at switch-over",
+           effect="accepted; always so in shardfs (paths are read at switch-over)"),
     # -- shardfs's own ----------------------------------------------------------------------
     Option("--num-request-queues", "num_request_queues", "value",
            "request queues, one worker process each", SHARDFS, metavar="N"),
@@ -146,6 +150,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--cache-timeout-s", "cache_timeout_s", "value",
            "entry and attr timeout overriding the cache policy's (seconds)", SHARDFS,
            metavar="SECONDS"),
+    Option("--locks", "locks", "value",
+           "host-visible file locks: none | posix | flock | posix,flock (README "
+           "\"Semantics\")", SHARDFS, metavar="KINDS"),
 )
 
 #: Flags with a fixed meaning that set no single field (handled by the parser).
@@ -155,9 +162,9 @@ SPECIAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("-o", "virtiofsd", "the legacy list: source=DIR, cache=none|auto|always|metadata, "
      "sandbox=, modcaps=, xattrmap=, [no_]xattr, [no_]posix_acl, [no_]security_label, "
      "[no_]writeback, [no_]readdirplus, announce_submounts, [no_]allow_direct_io, "
-     "[no_]killpriv_v2, no_flock, no_posix_lock; also the C daemon's log_level=, timeout= "
-     "(entry and attr timeout), norace, debug, vhost_user_socket=; flock and posix_lock "
-     "are refused"),
+     "[no_]killpriv_v2, [no_]flock, [no_]posix_lock (host-visible locks, as --locks); also "
+     "the C daemon's log_level=, timeout= (entry and attr timeout), norace, debug, "
+     "vhost_user_socket="),
     ("-d", "virtiofsd", "deprecated: --log-level debug"),
     ("-f", "virtiofsd", "deprecated, no effect (shardfs never daemonizes)"),
     ("--print-capabilities", "virtiofsd", "print the vhost-user backend JSON and exit"),
