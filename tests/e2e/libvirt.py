@@ -85,6 +85,8 @@ SHARDFS_BINARY = REPO_ROOT / "scripts" / "shardfs"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 #: How long a daemon may take to create its socket (machine shared, 2 cores).
 DAEMON_START_TIMEOUT_S = 120.0
+#: How long a daemon may take to exit after SIGTERM before it is killed.
+DAEMON_STOP_TIMEOUT_S = 30.0
 #: Overall timeout of one boot (libvirt starts the backends, then QEMU, TCG).
 DOMAIN_TIMEOUT_S = 300.0
 #: How long libvirt may take to tear a domain down after its QEMU is gone.
@@ -190,7 +192,7 @@ class Daemon:
                 self.stop()
                 raise LibvirtError(f"{self.name} did not create {self.ready_path}\n"
                                    + self.describe())
-            time.sleep(0.05)
+            time.sleep(POLL_INTERVAL_S / 10)
 
     def describe(self) -> str:
         return (f"{self.name}: {shlex.join(self.command)}\n--- {self.log_path} (tail) ---\n"
@@ -202,7 +204,7 @@ class Daemon:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30 * TIMEOUT_SCALE)
+            self.proc.wait(timeout=DAEMON_STOP_TIMEOUT_S * TIMEOUT_SCALE)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
