@@ -135,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(cl.config_path, cl.overrides)
         check_fs_options(cfg)
-        if cfg.log_target == "syslog" and not os.path.exists(SYSLOG_SOCKET):
-            raise ConfigError(f"config: log_target: syslog, but {SYSLOG_SOCKET} does not exist")
     except ConfigError as e:
         print(f"shardfs: {e}", file=sys.stderr)
         return 2
+    no_syslog = cfg.log_target == "syslog" and not os.path.exists(SYSLOG_SOCKET)
+    if no_syslog:
+        # virtiofsd serves on when there is no syslog daemon (launchers pass --syslog
+        # on hosts and in sandboxes without one): so do we, logging to stderr.
+        cfg.log_target = "stderr"
     setup_logging(cfg.log_level, cfg.log_target)
     log = logging.getLogger("shardfs")
+    if no_syslog:
+        log.warning("log_target: syslog, but %s does not exist: logging to stderr",
+                    SYSLOG_SOCKET)
     for note in cl.notes:
         log.info("%s", note)
     try:
@@ -152,14 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(cfg.shared_dir):
         os.makedirs(cfg.shared_dir, exist_ok=True)
         log.info("created shared dir %s", cfg.shared_dir)
+    from shardfs.proc.pidfile import release_pid_file, take_pid_file
     from shardfs.proc.supervisor import Supervisor, open_listener
 
+    pid_fd = None
     try:
+        if cfg.socket_path is not None:
+            pid_fd = take_pid_file(cfg.socket_path)  # before the bind: never steal a socket
         listener = open_listener(cfg)
     except OSError as e:
-        print(f"shardfs: socket_path: {e}", file=sys.stderr)
+        print(f"shardfs: socket_path: {e.strerror or e}", file=sys.stderr)
+        if pid_fd is not None:
+            release_pid_file(cfg.socket_path or "", pid_fd)
         return 1
-    return Supervisor(cfg).run(listener)
+    try:
+        return Supervisor(cfg).run(listener)
+    finally:
+        if pid_fd is not None:
+            release_pid_file(cfg.socket_path or "", pid_fd)
 
 
 if __name__ == "__main__":

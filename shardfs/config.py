@@ -72,7 +72,9 @@ class Config:
     #: Off by default, as virtiofsd: a launcher that passes no --xattr gets none.
     xattr: bool = False
     log_level: str = "info"
-    once: bool = False
+    #: Exit when the frontend disconnects, as virtiofsd does (the shipped TOML,
+    #: for a standing service, waits for the next connection instead).
+    once: bool = True
     #: Adaptive polling: microseconds a worker watches its rings before sleeping.
     poll_us: int = 50
     #: The status socket; by default the vhost-user socket path plus ".stats".

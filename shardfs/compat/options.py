@@ -134,7 +134,8 @@ OPTIONS: tuple[Option, ...] = (
     # -- shardfs's own ----------------------------------------------------------------------
     Option("--num-request-queues", "num_request_queues", "value",
            "request queues, one worker process each", SHARDFS, metavar="N"),
-    Option("--once", "once", "flag", "exit when the frontend disconnects", SHARDFS),
+    Option("--once", "once", "flag", "exit when the frontend disconnects (virtiofsd's "
+           "behaviour); --no-once waits for the next frontend", SHARDFS),
     Option("--poll-us", "poll_us", "value",
            "microseconds a worker watches its rings before sleeping (50)", SHARDFS, metavar="US"),
     Option("--stats-socket", "stats_socket", "value", "status socket path", SHARDFS,

@@ -1,7 +1,8 @@
 """The README's option table, made from :data:`shardfs.compat.options.OPTIONS`.
 
-``python -m shardfs.compat.table`` prints it; a unit test checks that the
-README holds exactly this text, so the table cannot drift from the parser.
+``python -m shardfs.compat.table`` prints it, ``... --write README.md``
+replaces it there; a unit test checks that the README holds exactly this
+text, so the table cannot drift from the parser.
 """
 
 from __future__ import annotations
@@ -56,5 +57,19 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def write(path: str) -> None:
+    """Replace the table between the markers in ``path``."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    with open(path, "w") as f:
+        f.write(text[:start] + markdown_table() + text[end:])
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        write(sys.argv[2])
+    else:
+        print(markdown_table())

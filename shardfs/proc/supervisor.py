@@ -600,6 +600,7 @@ class Supervisor:
             log.error("a child process failed to start (%s); see its log above", e)
             self._shutdown()
             return 1
+        self._announced_wait = False
         log.info("serving %s on %s with %d request queue(s), pids: coordinator %d, workers %s",
                  self.cfg.shared_dir, self.cfg.socket_path or f"fd {self.cfg.fd}",
                  self.cfg.num_request_queues, self.coordinator.proc.pid,
@@ -659,6 +660,10 @@ class Supervisor:
 
     def _one_message(self, conn: socket.socket, session: VhostUserSession) -> bool:
         """Read, apply and answer one message; False when the connection is done."""
+        if not self._announced_wait:
+            # virtiofsd's words: Kata's runtime-rs waits for this line on stderr.
+            log.info("Waiting for vhost-user socket connection...")
+            self._announced_wait = True
         try:
             data, fds, msg_flags, _ = socket.recv_fds(conn, vu.vhost_user_header.size,
                                                       vu.VHOST_USER_MAX_FDS)
@@ -666,6 +671,7 @@ class Supervisor:
             return False
         try:
             if not data:
+        self._announced_wait = False
                 return False
             if msg_flags & socket.MSG_CTRUNC:
                 raise FramingError("more than 8 fds with one message")

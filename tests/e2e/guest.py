@@ -444,6 +444,8 @@ class ShardfsDaemon:
             # The workloads copy and check xattrs (cp -a, stress-ng); xattrs are off
             # unless asked for, as in virtiofsd, and later arguments may turn them off.
             "--xattr",
+            # A test may boot several guests against one daemon.
+            "--no-once",
             *shlex.split(os.environ.get("SHARDFS_E2E_DAEMON_ARGS", "")),
             *extra_args,
         ]

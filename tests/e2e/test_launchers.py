@@ -89,23 +89,6 @@ CACHE_PROBED = ("kata3", "virtmero")
 #: /proc/PID/status "Seccomp:" values (linux/seccomp.h SECCOMP_MODE_*).
 SECCOMP_MODE_DISABLED = 0
 SECCOMP_MODE_FILTER = 2
-#: Where shardfs does not yet do what virtiofsd does with a launcher's command line
-#: (each was seen failing here, and passes against virtiofsd).  The tests of those
-#: launchers are strict xfails against shardfs: a fix makes them pass, which fails the
-#: run until the fix also removes its entry here.
-GAP_SYSLOG = ("--syslog with no /dev/log (as on CI) stops shardfs with 'config: log_target'; "
-              "virtiofsd falls back to 127.0.0.1:601/514 and serves")
-GAP_READY_LINE = ("shardfs never logs virtiofsd's 'Waiting for vhost-user socket connection...' "
-                  "on stderr, which Kata runtime-rs waits for (no timeout)")
-GAP_PID_FILE = "shardfs writes no SOCKET_PATH.pid (virtiofsd's pid file), which virtme-ng waits for"
-GAP_EXIT = ("shardfs keeps listening after the frontend disconnects; virtiofsd exits 0, and "
-            "podman relies on it (it only releases the process)")
-KNOWN_GAPS: dict[str, str] = {
-    "katars": GAP_READY_LINE,
-    "kata2": GAP_SYSLOG,
-    "virtmerw": f"{GAP_SYSLOG}; {GAP_PID_FILE}",
-    "virtmero": f"{GAP_SYSLOG}; {GAP_PID_FILE}",
-}
 XATTR_NAME = "user.launcher"
 XATTR_VALUE = b"works"
 
@@ -624,12 +607,6 @@ def prepare(launch_boot: LaunchBoot, request: pytest.FixtureRequest) -> LaunchBo
     name = callspec.params.get("name") if callspec is not None else None
     if name is not None:
         attach_artifact(node, f"{name} daemon log", launch_boot.daemons[name].log_path)
-    if launch_boot.binary == SHARDFS:
-        gaps = [KNOWN_GAPS[name]] if name in KNOWN_GAPS else []
-        if request.function.__name__ == "test_exits_when_the_vmm_goes_away":
-            gaps.append(GAP_EXIT)
-        if gaps:
-            node.add_marker(pytest.mark.xfail(strict=True, reason="; ".join(gaps)))
     return launch_boot
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest import GuestImage, ShardfsDaemon, attach_artifact, daemon_python
+from guest import GuestImage, ShardfsDaemon, attach_artifact, daemon_python, read_text
 from libvirt import (
     PAUSE_STEP,
     QEMU_GROUP,
@@ -249,6 +249,8 @@ OPTION_CASES = {
 OPTIONS_STATS: dict[str, subprocess.CompletedProcess[str]] = {}
 #: alias -> the pid libvirt's pidfile gave for it.
 OPTIONS_PIDS: dict[str, int] = {}
+#: alias -> that process's /proc/PID/limits, read while the guest was paused.
+OPTIONS_LIMITS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +281,7 @@ def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
             except AssertionError as e:
                 OPTIONS_STATS[fs.alias] = subprocess.CompletedProcess([], 1, "", str(e))
                 continue
+            OPTIONS_LIMITS[fs.alias] = read_text(Path(f"/proc/{pid}/limits"))
             OPTIONS_STATS[fs.alias] = subprocess.run(
                 [daemon_python(), "-m", "shardfs", "stats", "--pid", str(pid), "--format", "json"],
                 capture_output=True, text=True, check=False, timeout=60)
@@ -391,6 +394,10 @@ def test_cache_none_openfiles_namespace(
     cmd = options_run.backend_command(shares / "never")
     assert option_given(cmd, "--cache", "never") or option_given(cmd, "--cache", "none"), cmd
     assert option_given(cmd, "--rlimit-nofile", "4096"), cmd
+    # ... and the daemon libvirt started runs with it (read while the guest was paused).
+    nofile = [line.split()[3:5] for line in OPTIONS_LIMITS.get("ua-never", "").splitlines()
+              if line.startswith("Max open files")]
+    assert nofile == [["4096", "4096"]], OPTIONS_LIMITS.get("ua-never")
     assert option_given(cmd, "--sandbox", "namespace"), cmd
     backend_ok(options_run, "ua-never")
 

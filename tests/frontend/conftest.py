@@ -30,7 +30,10 @@ class Daemon:
                      "--num-request-queues", str(queues), "--log-level", "debug",
                      # Most suites test xattrs; virtiofsd's default (off) is tested by
                      # name (test_virtiofsd_options), and extra flags come later and win.
-                     "--xattr", *extra]
+                     "--xattr",
+                     # Tests reconnect to one daemon; virtiofsd's default (exit when the
+                     # frontend leaves) is tested in test_operations.
+                     "--no-once", *extra]
         if tag is not None:
             self.args += ["--tag", tag]
         self.log = open(self.log_path, "w")

@@ -41,11 +41,12 @@ def test_fd_handed_over_like_systemd_socket_activation(tmp_path: Path) -> None:
     listener.bind(path)
     listener.listen(4)
     fd = listener.fileno()
-    proc = _start(["--fd", str(fd), "--once"], tmp_path, pass_fds=[fd])
+    proc = _start(["--fd", str(fd)], tmp_path, pass_fds=[fd])
     listener.close()  # only the daemon holds it now
     try:
         _serve_one(path)  # the kernel queues the connection even before accept
-        assert proc.wait(DEADLINE_S) == 0  # --once: exits after the frontend leaves
+        # virtiofsd's default (once): it exits after the frontend leaves.
+        assert proc.wait(DEADLINE_S) == 0
     finally:
         proc.kill()
     assert "frontend disconnected" in (tmp_path / "log").read_text()
@@ -135,3 +136,49 @@ def test_syslog_target_carries_worker_lines(tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(DEADLINE_S) == 0
         logsock.close()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], text: str | None = None) -> None:
+    start = time.monotonic()
+    while not path.exists() or (text is not None and text not in path.read_text()):
+        assert proc.poll() is None and time.monotonic() - start < DEADLINE_S
+        time.sleep(0.01)
+
+
+def test_pid_file_and_ready_line_as_virtiofsd(tmp_path: Path) -> None:
+    """virtme-ng waits for SOCKET.pid and Kata's runtime-rs for virtiofsd's ready line; the
+    pid file's lock also keeps a second daemon from stealing a live socket path."""
+    path = str(tmp_path / "s.sock")
+    proc = _start(["--socket-path", path], tmp_path)
+    try:
+        _wait_for(tmp_path / "log", proc, "Waiting for vhost-user socket connection...")
+        pid_file = Path(path + ".pid")
+        assert pid_file.read_text().strip() == str(proc.pid)
+        before = os.stat(path).st_ino
+        second = subprocess.run([sys.executable, "-m", "shardfs", "--shared-dir",
+                                 str(tmp_path / "shared"), "--socket-path", path],
+                                cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_S)
+        assert second.returncode == 1
+        assert second.stderr.count("\n") == 1 and f"pid {proc.pid}" in second.stderr
+        assert os.stat(path).st_ino == before  # the live socket is untouched
+        _serve_one(path)
+        assert proc.wait(DEADLINE_S) == 0  # virtiofsd's default: exit when QEMU leaves
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not Path(path + ".pid").exists()
+
+
+def test_syslog_without_a_syslog_daemon_serves_on_stderr(tmp_path: Path) -> None:
+    """Kata and virtme-ng pass --syslog; virtiofsd serves on where no /dev/log exists."""
+    path = str(tmp_path / "s.sock")
+    env = dict(os.environ, SHARDFS_SYSLOG_SOCKET=str(tmp_path / "no-such-log"))
+    proc = _start(["--socket-path", path, "--syslog"], tmp_path, env=env)
+    try:
+        _wait_for(tmp_path / "log", proc, "Waiting for vhost-user socket connection")
+        assert "logging to stderr" in (tmp_path / "log").read_text()
+        _serve_one(path)
+        assert proc.wait(DEADLINE_S) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -51,7 +51,7 @@ def test_defaults(base: dict[str, Any]) -> None:
     assert cfg.socket_path == base["socket_path"] and cfg.fd is None
     assert cfg.num_request_queues == 1 and cfg.cache == "auto" and cfg.log_level == "info"
     # virtiofsd's defaults: a launcher that passes no --xattr gets no xattrs.
-    assert not cfg.xattr and not cfg.writeback and not cfg.once
+    assert not cfg.xattr and not cfg.writeback and cfg.once  # exit on disconnect
     assert cfg.readdirplus and cfg.announce_submounts and cfg.sandbox == "namespace"
 
 
