@@ -208,9 +208,11 @@ def backend_ok(run: DomainRun, alias: str) -> None:
 # ----------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def system_libvirt(guest_image: GuestImage) -> Iterator[SystemLibvirt]:
-    """virtlogd + libvirtd (qemu:///system), started for the session and stopped after."""
+    """virtlogd + libvirtd (qemu:///system), started once and stopped after the last test
+    here (module scope: only this module uses them, and the rest of the suite should
+    not run beside idle daemons)."""
     reason = missing_prerequisites()
     if reason is not None:
         if os.environ.get("SHARDFS_REQUIRE_GUEST") == "1":
