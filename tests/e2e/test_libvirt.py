@@ -511,6 +511,25 @@ def test_source_socket_two_queues(system_libvirt: SystemLibvirt, shares: Path,
     assert all(served[q] > 0 for q in range(1, queues + 1)), served
 
 
+def test_source_socket_without_socket_group_is_refused(
+    system_libvirt: SystemLibvirt, shares: Path, request: pytest.FixtureRequest
+) -> None:
+    """Why ``--socket-group kvm`` matters: without it QEMU (libvirt-qemu) cannot connect."""
+    sock_dir = system_libvirt.base / "no-group"
+    sock_dir.mkdir(mode=0o755)
+    daemon = ShardfsDaemon(socket_path=sock_dir / "fs.sock", shared_dir=shares / "no-group",
+                           log_path=sock_dir / "shardfs.log", tag="nogroup")
+    attach_artifact(request.node, "external shardfs log", daemon.log_path)
+    daemon.start()
+    try:
+        run = system_libvirt.boot(PRELUDE, filesystems=[VirtioFs("nogroup",
+                                                                 socket=daemon.socket_path)])
+    finally:
+        daemon.stop_and_check()
+    assert run.result is None, "QEMU connected to a root-only socket\n" + run.describe()
+    assert "Permission denied" in run.create_error, run.describe()
+
+
 # ----------------------------------------------------------------- qemu:///session
 
 
