@@ -626,6 +626,10 @@ class Supervisor:
             pass
 
     def _accept(self, listener: socket.socket) -> socket.socket | None:
+        if not self._announced_wait:
+            # virtiofsd's words: Kata's runtime-rs waits for this line on stderr.
+            log.info("Waiting for vhost-user socket connection...")
+            self._announced_wait = True
         r = self._wait([listener.fileno()])
         if listener.fileno() not in r:
             return None
@@ -633,6 +637,7 @@ class Supervisor:
             conn, _ = listener.accept()
         except InterruptedError:
             return None
+        self._announced_wait = False
         log.info("frontend connected")
         return conn
 
@@ -660,10 +665,6 @@ class Supervisor:
 
     def _one_message(self, conn: socket.socket, session: VhostUserSession) -> bool:
         """Read, apply and answer one message; False when the connection is done."""
-        if not self._announced_wait:
-            # virtiofsd's words: Kata's runtime-rs waits for this line on stderr.
-            log.info("Waiting for vhost-user socket connection...")
-            self._announced_wait = True
         try:
             data, fds, msg_flags, _ = socket.recv_fds(conn, vu.vhost_user_header.size,
                                                       vu.VHOST_USER_MAX_FDS)
@@ -671,7 +672,6 @@ class Supervisor:
             return False
         try:
             if not data:
-        self._announced_wait = False
                 return False
             if msg_flags & socket.MSG_CTRUNC:
                 raise FramingError("more than 8 fds with one message")
