@@ -37,6 +37,8 @@ MAX_ID = 0xFFFF_FFFE
 SANDBOX_MODES = ("namespace", "chroot", "none")
 SECCOMP_MODES = ("kill", "log", "none")
 LOG_TARGETS = ("stderr", "syslog")
+#: What ``locks`` may name (README "Semantics", shardfs.proc.locks).
+LOCK_KINDS = ("posix", "flock")
 #: More queues than this buys nothing on any machine we know of.
 MAX_REQUEST_QUEUES = 64
 
@@ -139,6 +141,9 @@ class Config:
     migration_on_error: str = "abort"
     migration_verify_handles: bool = False
     migration_confirm_paths: bool = False
+    #: Host-visible file locks (shardfs.proc.locks): "none", "posix", "flock" or
+    #: "posix,flock"; off by default, as virtiofsd.
+    locks: str = "none"
 
     def validate(self) -> Config:
         if self.socket_path is None and self.fd is None:
@@ -234,10 +239,21 @@ class Config:
             raise ConfigError(f"config: cache_timeout_s: must be between 0 and "
                               f"{MAX_TIMEOUT_S:.0f} seconds, got {self.cache_timeout_s}")
         self._validate_modcaps()
+        self.lock_kinds()
         if self.posix_acl and (self.translate_uid or self.translate_gid):
             # As virtiofsd: ACL entries name host ids the translation would not rewrite.
             raise ConfigError("config: posix_acl: cannot be combined with translate_uid or "
                               "translate_gid (ACL entries would keep untranslated ids)")
+
+    def lock_kinds(self) -> frozenset[str]:
+        """The lock kinds ``locks`` names: a subset of {"posix", "flock"}."""
+        words = [w.strip() for w in self.locks.split(",")]
+        if words == ["none"]:
+            return frozenset()
+        if not words or any(w not in LOCK_KINDS for w in words):
+            raise ConfigError(f"config: locks: must be none, posix, flock or posix,flock, "
+                              f"got {self.locks!r}")
+        return frozenset(words)
 
     def _validate_modcaps(self) -> None:
         """Names as virtiofsd's ``--modcaps`` takes them; and CAP_DAC_READ_SEARCH
@@ -298,6 +314,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "readdirplus": (bool,), "allow_mmap": (bool,), "preserve_noatime": (bool,),
     "cache_timeout_s": (float, int), "migration_mode": (str,), "migration_on_error": (str,),
     "migration_verify_handles": (bool,), "migration_confirm_paths": (bool,),
+    "locks": (str,),
 }
 
 

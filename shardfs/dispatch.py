@@ -30,6 +30,7 @@ from typing import Protocol
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
 from shardfs.fs.api import Context, Entry, FileSystem, FsError, SecContext, SetattrIn
+from shardfs.fs.locks import Pending
 from shardfs.virtq.chain import ChainReader, ChainWriter, DescriptorChain, ShortRead
 
 log = logging.getLogger("shardfs.dispatch")
@@ -45,6 +46,9 @@ _GETATTR_FH = F.FUSE_GETATTR_FH
 #: Opcodes that have no handler in TABLE, as plain ints (an IntEnum compares slowly).
 _FORGET, _BATCH_FORGET, _INTERRUPT = (int(Op.FUSE_FORGET), int(Op.FUSE_BATCH_FORGET),
                                       int(Op.FUSE_INTERRUPT))
+#: The used length :meth:`Dispatcher.handle` returns for a chain answered later
+#: (a SETLKW that waits): the caller parks the chain (shardfs.proc.lockclient).
+PENDING = -1
 #: Callers whose Context a dispatcher keeps (see Dispatcher._context).
 MAX_CACHED_CONTEXTS = 256
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -213,6 +217,33 @@ class DaxMapper(Protocol):
     def destroy(self) -> None: ...
 
 
+class LockService(Protocol):
+    """Host-visible file locks as the dispatcher sees them (``shardfs.proc.lockclient``).
+
+    ``open_fd(reopen)`` checks the guest's fh against the node (EBADF) and,
+    with ``reopen``, returns a new open file description of the file for
+    the service to keep.  Errors are FsError; ``setlk`` raises Pending when
+    a SETLKW (``wait_unique`` set) must wait.
+    """
+
+    init_flags: int
+
+    def getlk(self, open_fd: Callable[[bool], int | None], nodeid: int, owner: int,
+              start: int, end: int, typ: int) -> tuple[int, int, int, int]: ...
+
+    def setlk(self, open_fd: Callable[[bool], int | None], nodeid: int, owner: int,
+              is_flock: bool, start: int, end: int, typ: int, pid: int,
+              wait_unique: int) -> None: ...
+
+    def flush(self, nodeid: int, owner: int) -> None: ...
+
+    def release(self, nodeid: int, owner: int, flock_unlock: bool) -> None: ...
+
+    def interrupt(self, unique: int) -> None: ...
+
+    def destroy(self) -> None: ...
+
+
 class Dispatcher:
     """Decodes requests for one FileSystem; one instance per worker process."""
 
@@ -229,6 +260,8 @@ class Dispatcher:
         self.fs = fs
         #: The DAX window, or None: SETUPMAPPING/REMOVEMAPPING answer ENOSYS.
         self.dax = dax
+        #: Host-visible locks, or None: GETLK/SETLK/SETLKW answer ENOSYS (set by the worker).
+        self.locks: LockService | None = None
         self.stats = Stats()
         self.minor = F.FUSE_KERNEL_MINOR_VERSION
         self.initialized = False
@@ -285,7 +318,9 @@ class Dispatcher:
             self._forget(opcode, nodeid, r)
             return 0
         if opcode == _INTERRUPT:
-            return 0  # no reply: requests here are served synchronously
+            if self.locks is not None:  # only a waiting SETLKW is ever in flight
+                self._interrupt(r)
+            return 0  # INTERRUPT itself has no reply
         handler = self.TABLE.get(opcode)
         if handler is None:
             return self._reply_error(w, unique, errno.ENOSYS, opcode)
@@ -309,6 +344,8 @@ class Dispatcher:
             stats.malformed += 1
             log.warning("opcode %d unique %d malformed: %s", opcode, unique, e)
             return self._reply_error(w, unique, errno.EINVAL, opcode)
+        except Pending:
+            return PENDING
         except Exception:
             stats.bugs += 1
             log.exception("bug while serving opcode %d unique %d", opcode, unique)
@@ -498,10 +535,14 @@ class Dispatcher:
             self.fs.destroy()
             if self.dax is not None:
                 self.dax.destroy()
+            if self.locks is not None:
+                self.locks.destroy()
         capable = flags | ((flags2 << 32) if flags & F.FUSE_INIT_EXT else 0)
         # The filesystem asks for what changes its semantics (writeback, ACLs...).
         # With a DAX window, map_alignment tells the guest our mmap granularity.
         dax_flags = F.FUSE_MAP_ALIGNMENT if self.dax is not None else 0
+        if self.locks is not None:
+            dax_flags |= self.locks.init_flags
         enabled = capable & (self.WANTED_INIT_FLAGS | self.fs.init(capable) | dax_flags)
         map_alignment = (self.dax.map_alignment_log2
                          if self.dax is not None and enabled & F.FUSE_MAP_ALIGNMENT else 0)
@@ -519,6 +560,8 @@ class Dispatcher:
 
     def op_destroy(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         self.fs.destroy()
+        if self.locks is not None:
+            self.locks.destroy()
         if self.dax is not None:
             self.dax.destroy()
         self.initialized = False
@@ -686,10 +729,12 @@ class Dispatcher:
             s.f_namemax, s.f_frsize, 0))
 
     def op_release(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        fh, _flags, _rflags, _owner = r.read_struct(F.fuse_release_in)
+        fh, _flags, rflags, owner = r.read_struct(F.fuse_release_in)
         self.fs.release(ctx, nodeid, fh)
         if self.dax is not None:
             self.dax.released(nodeid, fh)
+        if self.locks is not None:
+            self.locks.release(nodeid, owner, bool(rflags & F.FUSE_RELEASE_FLOCK_UNLOCK))
         return 0
 
     def op_setupmapping(self, ctx: Context, nodeid: int, r: ChainReader,
@@ -720,8 +765,10 @@ class Dispatcher:
         return 0
 
     def op_flush(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
-        fh, _, _, _owner = r.read_struct(F.fuse_flush_in)
+        fh, _, _, owner = r.read_struct(F.fuse_flush_in)
         self.fs.flush(ctx, nodeid, fh)
+        if self.locks is not None:
+            self.locks.flush(nodeid, owner)  # a close drops the owner's POSIX locks
         return 0
 
     def op_fsync(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
@@ -844,6 +891,52 @@ class Dispatcher:
     def op_ioctl(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         raise FsError(errno.ENOTTY)
 
+    # -- locks (shardfs.proc.locks has the rules) ------------------------------------------
+
+    def _lock_args(self, ctx: Context, nodeid: int,
+                   r: ChainReader) -> tuple[LockService, Callable[[bool], int | None], tuple[
+                       int, int, int, int, int, int, int]]:
+        """fuse_lk_in: (service, fh checker/opener, (fh, owner, start, end, type, pid, flags))."""
+        if self.locks is None:
+            raise FsError(errno.ENOSYS)
+        fh, owner, start, end, typ, pid, lk_flags, _ = r.read_struct(F.fuse_lk_in)
+        fs = self.fs
+
+        def open_fd(reopen: bool) -> int | None:
+            return fs.lock_file(ctx, nodeid, fh, reopen)
+
+        return self.locks, open_fd, (fh, owner, start, end, typ, pid, lk_flags)
+
+    def op_getlk(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        locks, open_fd, (_fh, owner, start, end, typ, _pid, _) = self._lock_args(ctx, nodeid, r)
+        got_typ, got_start, got_end, got_pid = locks.getlk(open_fd, nodeid, owner, start, end,
+                                                           typ)
+        return self._reply(w, F.fuse_lk_out.pack(got_start, got_end, got_typ, got_pid))
+
+    def op_setlk(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        return self._setlk(ctx, nodeid, r, 0)
+
+    def op_setlkw(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
+        whole = ChainReader(r._bufs, sum(len(b) for b in r._bufs))
+        unique = whole.read_struct(F.fuse_in_header)[2]
+        return self._setlk(ctx, nodeid, r, unique or _U64)
+
+    def _setlk(self, ctx: Context, nodeid: int, r: ChainReader, wait_unique: int) -> int:
+        locks, open_fd, (_fh, owner, start, end, typ, pid, flags) = self._lock_args(ctx, nodeid,
+                                                                                  r)
+        locks.setlk(open_fd, nodeid, owner, bool(flags & F.FUSE_LK_FLOCK), start, end, typ, pid,
+                    wait_unique)
+        return 0
+
+    def _interrupt(self, r: ChainReader) -> None:
+        assert self.locks is not None
+        try:
+            (unique,) = r.read_struct(F.fuse_interrupt_in)
+        except ShortRead:
+            self.stats.malformed += 1
+            return
+        self.locks.interrupt(unique)
+
     TABLE: dict[int, Handler] = {}
 
 
@@ -863,6 +956,7 @@ REPLY_BYTES = {
     Op.FUSE_SETATTR: F.fuse_attr_out.size,
     Op.FUSE_WRITE: F.fuse_write_out.size,
     Op.FUSE_INIT: F.fuse_init_out.size,
+    Op.FUSE_GETLK: F.fuse_lk_out.size,
 }
 
 
@@ -1039,4 +1133,7 @@ Dispatcher.TABLE = {
     Op.FUSE_TMPFILE: Dispatcher.op_tmpfile,
     Op.FUSE_SETUPMAPPING: Dispatcher.op_setupmapping,
     Op.FUSE_REMOVEMAPPING: Dispatcher.op_removemapping,
+    Op.FUSE_GETLK: Dispatcher.op_getlk,
+    Op.FUSE_SETLK: Dispatcher.op_setlk,
+    Op.FUSE_SETLKW: Dispatcher.op_setlkw,
 }

@@ -7,11 +7,10 @@ and older Kata Containers and hand-written units still pass it.  virtiofsd
 set plus the C daemon's ``log_level=``, ``timeout=``, ``norace``, ``debug``
 and ``vhost_user_socket=``, which virtiofsd 1.13 has dropped.
 
-Lock options: ``no_flock`` and ``no_posix_lock`` describe what shardfs does
-(locks stay in the guest's kernel) and are accepted.  ``flock`` and
-``posix_lock`` ask for host-visible locks, which shardfs does not offer;
-virtiofsd refuses them as well, and so does this -- silently serving local
-locks to a user who asked for shared ones would be a lie.
+Lock options: ``posix_lock`` and ``flock`` turn host-visible locks on (the
+``locks`` field: ``posix`` and ``flock``), as they did in the C virtiofsd;
+``no_posix_lock`` and ``no_flock`` (the default) leave each kind in the
+guest's kernel.  virtiofsd 1.13 refuses ``posix_lock`` and ``flock``.
 
 Values are split on ``,``; a doubled ``,,`` is a literal comma, as libvirt
 escapes it in ``source=`` (``virQEMUBuildBufferEscapeComma``).
@@ -32,16 +31,15 @@ SWITCHES["debug"] = ("log_level", "debug")
 
 #: Accepted switches that describe shardfs's fixed behaviour, with why.
 NO_EFFECT = {
-    "no_flock": "flock locks stay local to the guest (shardfs offers no remote locks)",
-    "no_posix_lock": "POSIX locks stay local to the guest (shardfs offers no remote locks)",
     "norace": "shardfs has no racy fallback to turn off",
 }
 
 #: Refused, with the reason.
-REFUSED = {
-    "flock": "shared flock locks are not offered (as virtiofsd 1.13); use no_flock",
-    "posix_lock": "shared POSIX locks are not offered (as virtiofsd 1.13); use no_posix_lock",
-}
+REFUSED: dict[str, str] = {}
+
+#: ``-o`` lock switches: name -> (kind in the ``locks`` field, on?).
+LOCK_SWITCHES = {"posix_lock": ("posix", True), "no_posix_lock": ("posix", False),
+                 "flock": ("flock", True), "no_flock": ("flock", False)}
 
 #: ``-o NAME=VALUE`` options: name -> Config field.
 VALUED = {
@@ -93,6 +91,7 @@ def parse_legacy(values: list[str]) -> tuple[dict[str, Any], list[str]]:
     """
     out: dict[str, Any] = {}
     notes: list[str] = []
+    kinds: dict[str, bool] = {}
     for text in values:
         for entry in split_options(text):
             if not entry:
@@ -102,6 +101,9 @@ def parse_legacy(values: list[str]) -> tuple[dict[str, Any], list[str]]:
                 if name in SWITCHES:
                     field, v = SWITCHES[name]
                     out[field] = v
+                elif name in LOCK_SWITCHES:
+                    kind, on = LOCK_SWITCHES[name]
+                    kinds[kind] = on
                 elif name in NO_EFFECT:
                     notes.append(f"-o {name}: {NO_EFFECT[name]}")
                 elif name in REFUSED:
@@ -122,4 +124,6 @@ def parse_legacy(values: list[str]) -> tuple[dict[str, Any], list[str]]:
                                             f"{', '.join(LOG_LEVEL_NAMES)}, got {value!r}")
                 value = LOG_LEVEL_NAMES[value]
             out[VALUED[name]] = value
+    if any(kinds.values()):
+        out["locks"] = ",".join(k for k in ("posix", "flock") if kinds.get(k))
     return out, notes

@@ -151,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--cache-timeout-s", "cache_timeout_s", "value",
            "entry and attr timeout overriding the cache policy's (seconds)", SHARDFS,
            metavar="SECONDS"),
+    Option("--locks", "locks", "value",
+           "host-visible file locks: none | posix | flock | posix,flock (README "
+           "\"Semantics\")", SHARDFS, metavar="KINDS"),
 )
 
 #: Flags with a fixed meaning that set no single field (handled by the parser).
@@ -160,9 +163,9 @@ SPECIAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("-o", "virtiofsd", "the legacy list: source=DIR, cache=none|auto|always|metadata, "
      "sandbox=, modcaps=, xattrmap=, [no_]xattr, [no_]posix_acl, [no_]security_label, "
      "[no_]writeback, [no_]readdirplus, announce_submounts, [no_]allow_direct_io, "
-     "[no_]killpriv_v2, no_flock, no_posix_lock; also the C daemon's log_level=, timeout= "
-     "(entry and attr timeout), norace, debug, vhost_user_socket=; flock and posix_lock "
-     "are refused"),
+     "[no_]killpriv_v2, [no_]flock, [no_]posix_lock (host-visible locks, as --locks); also "
+     "the C daemon's log_level=, timeout= (entry and attr timeout), norace, debug, "
+     "vhost_user_socket="),
     ("-d", "virtiofsd", "deprecated: --log-level debug"),
     ("-f", "virtiofsd", "deprecated, no effect (shardfs never daemonizes)"),
     ("--print-capabilities", "virtiofsd", "print the vhost-user backend JSON and exit"),

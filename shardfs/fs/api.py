@@ -263,6 +263,13 @@ class FileSystem:
     def flush(self, ctx: Context, nodeid: int, fh: int) -> None:
         raise FsError(errno.ENOSYS)
 
+    def lock_file(self, ctx: Context, nodeid: int, fh: int, reopen: bool) -> int | None:
+        """For host-visible locks (shardfs.proc.locks): check that ``fh`` is a file
+        handle of ``nodeid`` (EBADF otherwise) and, with ``reopen``, return a new
+        open file description of the file, read-write where the host allows,
+        which the caller owns."""
+        raise FsError(errno.ENOSYS)
+
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         raise FsError(errno.ENOSYS)
 

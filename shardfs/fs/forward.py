@@ -113,6 +113,9 @@ class ForwardingFs(FileSystem):
     def flush(self, ctx: Context, nodeid: int, fh: int) -> None:
         self.inner.flush(ctx, nodeid, fh)
 
+    def lock_file(self, ctx: Context, nodeid: int, fh: int, reopen: bool) -> int | None:
+        return self.inner.lock_file(ctx, nodeid, fh, reopen)
+
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         self.inner.fsync(ctx, nodeid, fh, datasync)
 

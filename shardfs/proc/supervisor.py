@@ -69,6 +69,9 @@ from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.coordinator import Coordinator, DaxSetup, attach_worker
 from shardfs.proc.dax import DaxClient, DaxShared, Geometry
+from shardfs.proc.locks import attach_worker as attach_locks
+from shardfs.proc.locks import init_flags as lock_init_flags
+from shardfs.proc.locks import lock_process_body
 from shardfs.proc.migration import Migration, MigrationDevice
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
@@ -350,6 +353,8 @@ class Supervisor:
         self.cfg = cfg
         self.workers: list[Child] = []
         self.coordinator: Child | None = None
+        #: The lock process (proc.locks), with ``locks`` on.
+        self.lock_proc: Child | None = None
         self.stopping = False
         # Node and handle identity shared by every worker (fs.passthrough.shared),
         # made before any fork so that every child inherits the same mapping.
@@ -447,6 +452,30 @@ class Supervisor:
         child.close()
         return Child("coordinator", proc, parent, os.pidfd_open(proc.pid))
 
+    def _fork_locks(self) -> Child:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        policy = SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp, self.cfg.modcaps)
+
+        def body() -> None:
+            _close_fds_except(child.fileno())
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            lock_process_body(child, policy, self.cfg.shared_dir)
+
+        proc = multiprocess.get_context("fork").Process(target=body, name="shardfs-locks")
+        proc.start()
+        child.close()
+        return Child("lock process", proc, parent, os.pidfd_open(proc.pid))
+
+    def _link_locks(self, wid: int) -> None:
+        """Give worker ``wid`` and the lock process a new lock link (proc.locks)."""
+        if self.lock_proc is None:
+            return
+        try:
+            attach_locks(self.lock_proc.sock, self.workers[wid].sock, wid,
+                         lock_init_flags(self.cfg.lock_kinds()))
+        except (OSError, control.ControlError) as e:
+            log.error("cannot link worker %d to the lock process: %s", wid, e)
+
     def _restart_dead_workers(self) -> None:
         """Replace every worker that has exited, and resume its rings.
 
@@ -470,6 +499,7 @@ class Supervisor:
             try:
                 control.call(new.sock, ["ping"])
                 self._link_dax(wid)
+                self._link_locks(wid)
                 if self.device is not None:
                     self.device.replay(wid)
             except (control.ControlError, ProtocolError) as e:
@@ -591,11 +621,15 @@ class Supervisor:
         try:
             self.coordinator = self._fork_coordinator()
             control.call(self.coordinator.sock, ["ping"])
+            if self.cfg.lock_kinds():
+                self.lock_proc = self._fork_locks()
+                control.call(self.lock_proc.sock, ["ping"])
             self.workers = [self._fork_worker(i) for i in range(self.cfg.num_request_queues)]
             for w in self.workers:
                 control.call(w.sock, ["ping"])  # each child is up and has named itself
             for wid in range(len(self.workers)):
                 self._link_dax(wid)
+                self._link_locks(wid)
         except control.ControlError as e:
             log.error("a child process failed to start (%s); see its log above", e)
             self._shutdown()
@@ -696,6 +730,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         children = self.workers + ([self.coordinator] if self.coordinator else [])
+        children += [self.lock_proc] if self.lock_proc else []
         for c in children:
             try:
                 control.send(c.sock, ["exit"])

@@ -96,9 +96,20 @@ def test_libvirt_escapes_commas_in_source(tmp_path: Path) -> None:
     assert list(split_options("a,,b,c")) == ["a,b", "c"]
 
 
-@pytest.mark.parametrize("lock", ["flock", "posix_lock"])
-def test_shared_locks_are_refused_not_faked(share: str, lock: str) -> None:
-    assert lock in error(["--fd=5", "-o", f"source={share},{lock}"])
+@pytest.mark.parametrize(("entries", "locks"), [
+    ("flock", "flock"), ("posix_lock", "posix"), ("posix_lock,flock", "posix,flock"),
+    ("flock,no_flock", "none"), ("no_flock,no_posix_lock", "none"),
+])
+def test_legacy_lock_switches_turn_host_locks_on(share: str, entries: str, locks: str) -> None:
+    # As the C virtiofsd: -o posix_lock / -o flock ask for host-visible locks.
+    cfg = config(["--fd=5", "-o", f"source={share},{entries}"])
+    assert cfg.locks == locks
+
+
+def test_locks_flag_and_its_one_line_refusal(share: str) -> None:
+    assert config(["--fd=5", "--shared-dir", share, "--locks", "posix,flock"]).locks == \
+        "posix,flock"
+    assert "locks" in error(["--fd=5", "--shared-dir", share, "--locks", "fcntl"])
 
 
 # -- every virtiofsd option ------------------------------------------------------------

@@ -248,6 +248,21 @@ class FileOps(PassthroughBase):
         h = self._file_handle(fh, nodeid)
         os.close(os.dup(h.fd))
 
+    def lock_file(self, ctx: Context, nodeid: int, fh: int, reopen: bool) -> int | None:
+        """A description of its own for a lock owner (OFD locks belong to one).
+
+        Read-write when the host lets the daemon open it so (a write lock
+        needs a writable description, and one owner may lock through fhs of
+        both modes), else in the fh's own mode.  Never written through.
+        """
+        h = self._file_handle(fh, nodeid)
+        if not reopen:
+            return None
+        try:
+            return self._reopen_fd(h.fd, os.O_RDWR)
+        except OSError:
+            return self._reopen_fd(h.fd, h.flags & os.O_ACCMODE)
+
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         h = self._file_handle(fh, nodeid)
         (os.fdatasync if datasync else os.fsync)(h.fd)
