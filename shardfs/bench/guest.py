@@ -7,7 +7,16 @@ One boot per backend runs these phases on the virtio-fs mount:
 * ``write1m``/``read1m``: fio, 1 MiB sequential O_DIRECT writes / reads;
 * ``randread4k_qd1``: fio, 4 KiB random O_DIRECT reads, one in flight;
 * ``randread4k_qd16``: the same with libaio and 16 in flight;
-* ``meta``: python3 creating and unlinking files (open(O_CREAT), close, unlink).
+* ``create``, ``stat``, ``readdir``, ``unlink``: python3 on a directory of
+  :data:`META_FILES` files: open(O_CREAT) + close each; stat each (after
+  dropping the guest's dentry and inode caches, so each is a LOOKUP);
+  list the directory :data:`READDIR_PASSES` times; unlink each.
+
+Every backend is booted ``--guest-runs`` times (3 by default), alternating
+(the order turns round on odd runs), with 2 vCPUs; each figure is the
+median of the runs with its min and max.  Guest figures under TCG vary up to
+2x from run to run, hence the runs.  The ratios to virtiofsd are taken of
+the medians; the 2-queue figures are compared with the 1-queue ones.
 
 Before and after each phase the guest drops a marker file into the ctl
 share; the host notices it within milliseconds and samples the backend's
@@ -22,11 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +46,11 @@ from shardfs.bench.common import REPO, cpu_seconds, find_virtiofsd, version_of
 #: Seconds each fio phase runs.
 FIO_SECONDS = 5
 META_FILES = 1000
+#: Listings of the META_FILES directory in the readdir phase.
+READDIR_PASSES = 20
+#: The issue's targets: every phase at least this much of virtiofsd's rate with
+#: 1 queue, and 2 queues never below 1.
+TARGET_VS_VIRTIOFSD = 0.9
 
 FIO = ("fio --name={name} --filename=/mnt/fio.dat --size=128M --bs={bs} --rw={rw} "
        "--direct=1 --ioengine={engine} --iodepth={depth} --runtime={secs} --time_based "
@@ -42,16 +58,36 @@ FIO = ("fio --name={name} --filename=/mnt/fio.dat --size=128M --bs={bs} --rw={rw
 
 META = r"""
 import os, sys, time
+what, n, ctl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 d = "/mnt/meta"
 os.makedirs(d, exist_ok=True)
-n = int(sys.argv[1])
+names = [f"{d}/f{i}" for i in range(n)]
+if what == "stat":  # every stat a LOOKUP: nothing cached in the guest
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+open(f"{ctl}/mark-{sys.argv[4]}-{what}-start", "w").close()
 t = time.monotonic()
-for i in range(n):
-    p = f"{d}/f{i}"
-    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
-    os.unlink(p)
-print(n / (time.monotonic() - t))
+if what == "create":
+    for p in names:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+elif what == "stat":
+    for p in names:
+        os.stat(p)
+elif what == "readdir":
+    for _ in range(n):
+        os.listdir(d)
+elif what == "unlink":
+    for p in names:
+        os.unlink(p)
+rate = n / (time.monotonic() - t)
+open(f"{ctl}/mark-{sys.argv[5]}-{what}-end", "w").close()
+print(rate)
 """
+
+#: Phases whose guest command drops its own markers (python3 $CTL/meta.py).
+META_PHASES = {"create": META_FILES, "stat": META_FILES, "readdir": READDIR_PASSES,
+               "unlink": META_FILES}
 
 PHASES = [
     ("write1m", FIO.format(name="write1m", bs="1M", rw="write", engine="psync", depth=1,
@@ -62,8 +98,13 @@ PHASES = [
                                   engine="psync", depth=1, secs=FIO_SECONDS)),
     ("randread4k_qd16", FIO.format(name="randread4k_qd16", bs="4k", rw="randread",
                                    engine="libaio", depth=16, secs=FIO_SECONDS)),
-    ("meta", f"python3 $CTL/meta.py {META_FILES} > $CTL/meta.out"),
+    *[(name, f"python3 $CTL/meta.py {name} {n} $CTL {{start}} {{end}} > $CTL/{name}.out")
+      for name, n in META_PHASES.items()],
 ]
+#: Units of each phase's rate.
+UNITS = {"write1m": "MB/s", "read1m": "MB/s", "randread4k_qd1": "IOPS",
+         "randread4k_qd16": "IOPS", "create": "files/s", "stat": "files/s",
+         "readdir": "lists/s", "unlink": "files/s"}
 
 
 def guest_script(phases: list[str]) -> str:
@@ -73,8 +114,11 @@ def guest_script(phases: list[str]) -> str:
              "--ioengine=psync --output=/dev/null"]
     for k, (name, cmd) in enumerate(PHASES):
         if name in phases:
-            lines += [f": > $CTL/mark-{2 * k:02d}-{name}-start", cmd,
-                      f": > $CTL/mark-{2 * k + 1:02d}-{name}-end"]
+            if name in META_PHASES:  # the script marks its own timed part
+                lines.append(cmd.format(start=f"{2 * k:02d}", end=f"{2 * k + 1:02d}"))
+            else:
+                lines += [f": > $CTL/mark-{2 * k:02d}-{name}-start", cmd,
+                          f": > $CTL/mark-{2 * k + 1:02d}-{name}-end"]
     lines += ["rm -f /mnt/fio.dat", "umount /mnt"]
     return "\n".join(lines) + "\n"
 
@@ -109,10 +153,11 @@ def phase_figures(ctl: Path, marks: dict[str, float],
         start = marks.get(f"mark-{2 * k:02d}-{name}-start")
         end = marks.get(f"mark-{2 * k + 1:02d}-{name}-end")
         row: dict[str, Any] = {"phase": name}
-        if name == "meta":
-            text = (ctl / "meta.out").read_text().strip() if (ctl / "meta.out").exists() else ""
-            ops = META_FILES
-            row.update(rate=float(text) if text else None, unit="pairs/s")
+        if name in META_PHASES:
+            out_file = ctl / f"{name}.out"
+            text = out_file.read_text().strip() if out_file.exists() else ""
+            ops = META_PHASES[name]  # files, or listings for readdir
+            row.update(rate=float(text) if text else None, unit=UNITS[name])
         else:
             data = json.loads((ctl / f"fio-{name}.json").read_text())
             job = data["jobs"][0]
@@ -127,10 +172,121 @@ def phase_figures(ctl: Path, marks: dict[str, float],
     return out
 
 
+def boot_once(G: Any, image: Any, args: argparse.Namespace, peer: str | None, backend: str,
+              queues: int, vcpus: int, phases: list[str], work: Path) -> list[dict[str, Any]]:
+    """One boot of the guest on one backend: the phase rows (RuntimeError if it failed)."""
+    shared = work / "shared"
+    shared.mkdir(parents=True)
+    sock = work / "vfs.sock"
+    stop: Callable[[], Any]
+    if backend == "shardfs":
+        extra = [] if args.hardened else ["--sandbox", "none", "--seccomp", "none"]
+        daemon = G.ShardfsDaemon(socket_path=sock, shared_dir=shared,
+                                 log_path=work / "daemon.log", tag="shardfs",
+                                 num_request_queues=queues, log_level="warning",
+                                 extra_args=[*extra, "--poll-us", str(args.poll_us)])
+        daemon.start()
+        pid = daemon.proc.pid
+        stop = daemon.stop
+    else:
+        assert peer is not None
+        cmd = [peer, "--socket-path", str(sock), "--shared-dir", str(shared),
+               "--log-level", "warn"]
+        if not args.hardened:
+            cmd += ["--sandbox", "none", "--seccomp", "none"]
+        log = open(work / "daemon.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"virtiofsd did not start: {cmd}")
+            time.sleep(0.01)
+        pid = proc.pid
+
+        def stop(proc: subprocess.Popen[bytes] = proc, log: Any = log) -> None:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
+    ctl = work / "guest" / "ctl"
+    ctl.mkdir(parents=True)
+    (ctl / "meta.py").write_text(META)
+    sampler = Sampler(ctl, pid)
+    sampler.start()
+    try:
+        res = G.run_guest(guest_script(phases), work_dir=work / "guest", socket_path=sock,
+                          image=image, num_request_queues=queues, vcpus=vcpus, mem="1G",
+                          timeout_s=900)
+    finally:
+        sampler.done.set()
+        sampler.join()
+        stop()
+    if res.exit_code != 0:
+        raise RuntimeError(res.describe())
+    return phase_figures(ctl, sampler.marks, phases)
+
+
+def summarize(results: list[dict[str, Any]], phases: list[str]) -> list[dict[str, Any]]:
+    """Per phase and backend: the median rate with min and max, the median CPU per op,
+    and the ratios the targets speak of (of the medians)."""
+    out = []
+    configs = sorted({(r["backend"], r["queues"]) for r in results},
+                     key=lambda c: (c[0] != "shardfs", c[1]))
+    for phase in [name for name, _ in PHASES if name in phases]:
+        row: dict[str, Any] = {"phase": phase, "unit": UNITS[phase], "backends": {}}
+        for backend, queues in configs:
+            rows = [r for r in results if r["phase"] == phase and r["backend"] == backend
+                    and r["queues"] == queues and r.get("rate") is not None]
+            if not rows:
+                continue
+            rates = [r["rate"] for r in rows]
+            cpus = [r["cpu_us_per_op"] for r in rows if "cpu_us_per_op" in r]
+            row["backends"][f"{backend} {queues}q"] = {
+                "median": statistics.median(rates), "min": min(rates), "max": max(rates),
+                "runs": len(rates), "cpu_us_per_op": statistics.median(cpus) if cpus else None}
+        b = row["backends"]
+        peer = b.get("virtiofsd 1q")
+        one = b.get("shardfs 1q")
+        two = b.get("shardfs 2q")
+        if peer and one:
+            row["x_1q"] = one["median"] / peer["median"]
+            row["met_1q"] = row["x_1q"] >= TARGET_VS_VIRTIOFSD
+        if one and two:
+            row["x_2q_over_1q"] = two["median"] / one["median"]
+            row["met_2q"] = two["median"] >= one["median"]
+        if peer and two:
+            row["x_2q"] = two["median"] / peer["median"]
+        out.append(row)
+    return out
+
+
+def print_summary(summary: list[dict[str, Any]]) -> None:
+    names = sorted({k for r in summary for k in r["backends"]},
+                   key=lambda k: (not k.startswith("shardfs"), k))
+    head = "".join(f" {n + ' median (min-max)':>34} {'cpu us/op':>9}" for n in names)
+    print(f"\n{'phase':<16} {'unit':<8}{head}  {'1q/vfsd':>8} {'2q/1q':>6}")
+    for r in summary:
+        cells = ""
+        for n in names:
+            b = r["backends"].get(n)
+            if b is None:
+                cells += f" {'-':>34} {'-':>9}"
+                continue
+            fig = f"{b['median']:,.0f} ({b['min']:,.0f}-{b['max']:,.0f})"
+            cpu = f"{b['cpu_us_per_op']:.0f}" if b["cpu_us_per_op"] is not None else "-"
+            cells += f" {fig:>34} {cpu:>9}"
+        x1 = f"{r['x_1q']:.2f}" + ("" if r.get("met_1q") else "!") if "x_1q" in r else "-"
+        x2 = (f"{r['x_2q_over_1q']:.2f}" + ("" if r.get("met_2q") else "!")
+              if "x_2q_over_1q" in r else "-")
+        print(f"{r['phase']:<16} {r['unit']:<8}{cells}  {x1:>8} {x2:>6}")
+    print(f"targets: 1 queue >= {TARGET_VS_VIRTIOFSD}x virtiofsd in every phase, 2 queues >= 1 "
+          "queue ('!' marks a miss); ratios of the medians")
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench --guest")
-    p.add_argument("--guest-queues", default="1", help="shardfs request queue counts")
-    p.add_argument("--guest-vcpus", type=int, default=0, help="default: the queue count")
+    p.add_argument("--guest-queues", default="1,2", help="shardfs request queue counts")
+    p.add_argument("--guest-vcpus", type=int, default=2, help="guest vCPUs (every backend)")
+    p.add_argument("--guest-runs", type=int, default=3,
+                   help="boots per backend, alternating (medians with their ranges)")
     p.add_argument("--guest-phases", default=",".join(name for name, _ in PHASES),
                    help="comma-separated phases to run")
     opts = p.parse_args(rest)
@@ -153,75 +309,33 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if peer is None and not args.no_virtiofsd:
         print("*** virtiofsd not found: run scripts/get-virtiofsd as root; measuring shardfs "
               "ALONE", file=sys.stderr)
-    runs: list[tuple[str, int]] = [("shardfs", int(q)) for q in opts.guest_queues.split(",")]
+    configs: list[tuple[str, int]] = [("shardfs", int(q)) for q in opts.guest_queues.split(",")]
     if peer:
-        runs.append(("virtiofsd", 1))
+        configs.append(("virtiofsd", 1))
     results = []
     with tempfile.TemporaryDirectory(prefix="shardfs-guest-bench-", dir=args.dir) as tmp_s:
         tmp = Path(tmp_s)
-        for backend, queues in runs:
-            work = tmp / f"{backend}-{queues}q"
-            shared = work / "shared"
-            shared.mkdir(parents=True)
-            sock = work / "vfs.sock"
-            print(f"guest: {backend} {queues}q", file=sys.stderr, flush=True)
-            if backend == "shardfs":
-                extra = [] if args.hardened else ["--sandbox", "none", "--seccomp", "none"]
-                daemon = G.ShardfsDaemon(socket_path=sock, shared_dir=shared,
-                                         log_path=work / "daemon.log", tag="shardfs",
-                                         num_request_queues=queues, log_level="warning",
-                                         extra_args=[*extra, "--poll-us", str(args.poll_us)])
-                daemon.start()
-                pid = daemon.proc.pid
-                stop = daemon.stop
-            else:
-                assert peer is not None
-                cmd = [peer, "--socket-path", str(sock), "--shared-dir", str(shared),
-                       "--log-level", "warn"]
-                if not args.hardened:
-                    cmd += ["--sandbox", "none", "--seccomp", "none"]
-                log = open(work / "daemon.log", "w")
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-                while not sock.exists():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"virtiofsd did not start: {cmd}")
-                    time.sleep(0.01)
-                pid = proc.pid
-
-                def stop(proc: subprocess.Popen[bytes] = proc, log: Any = log) -> None:
-                    proc.terminate()
-                    proc.wait(30)
-                    log.close()
-            ctl = work / "guest" / "ctl"
-            ctl.mkdir(parents=True)
-            (ctl / "meta.py").write_text(META)
-            sampler = Sampler(ctl, pid)
-            sampler.start()
-            try:
-                res = G.run_guest(guest_script(phases), work_dir=work / "guest", socket_path=sock,
-                                  image=image, num_request_queues=queues,
-                                  vcpus=opts.guest_vcpus or queues, mem="1G", timeout_s=600)
-            finally:
-                sampler.done.set()
-                sampler.join()
-                stop()
-            if res.exit_code != 0:
-                print(res.describe(), file=sys.stderr)
-                return 1
-            for row in phase_figures(ctl, sampler.marks, phases):
-                row.update(backend=backend, queues=queues)
-                results.append(row)
-    print(f"\n{'phase':<16} {'backend':<13} {'rate':>10} {'unit':<8} {'backend cpu us/op':>17}")
-    for r in results:
-        rate = f"{r['rate']:,.0f}" if r.get("rate") is not None else "-"
-        cpu = f"{r['cpu_us_per_op']:.1f}" if "cpu_us_per_op" in r else "-"
-        print(f"{r['phase']:<16} {r['backend'] + ' ' + str(r['queues']) + 'q':<13} {rate:>10} "
-              f"{r['unit']:<8} {cpu:>17}")
-    print(f"guest: Linux under QEMU ({os.environ.get('SHARDFS_GUEST_ACCEL', 'tcg')}); the guest,"
-          " not the backend, sets the pace under TCG")
+        for run in range(opts.guest_runs):
+            for backend, queues in (configs if run % 2 == 0 else configs[::-1]):
+                print(f"guest run {run + 1}/{opts.guest_runs}: {backend} {queues}q",
+                      file=sys.stderr, flush=True)
+                try:
+                    rows = boot_once(G, image, args, peer, backend, queues, opts.guest_vcpus,
+                                     phases, tmp / f"{backend}-{queues}q-run{run}")
+                except RuntimeError as e:
+                    print(f"{backend} {queues}q: {e}", file=sys.stderr)
+                    return 1
+                for row in rows:
+                    row.update(backend=backend, queues=queues, run=run)
+                    results.append(row)
+    summary = summarize(results, phases)
+    print_summary(summary)
+    print(f"guest: Linux under QEMU ({os.environ.get('SHARDFS_GUEST_ACCEL', 'tcg')}), "
+          f"{opts.guest_vcpus} vCPUs, {opts.guest_runs} boots per backend, alternating")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-guest.json").write_text(json.dumps(
-        {"virtiofsd": version_of(peer) if peer else None, "results": results}, indent=1))
+        {"virtiofsd": version_of(peer) if peer else None, "vcpus": opts.guest_vcpus,
+         "runs": opts.guest_runs, "summary": summary, "results": results}, indent=1))
     print(f"wrote {out / 'bench-guest.json'}")
     return 0

@@ -79,6 +79,18 @@ class Harness:
             raise OSError(-error, f"{Op(opcode).name}: {os.strerror(-error)}")
         return self.ram.read(wgpa + F.fuse_out_header.size, length - F.fuse_out_header.size)
 
+    def forget(self, nodeid: int, nlookup: int = 1) -> None:
+        """FUSE_FORGET, served at once (it has no reply)."""
+        mark = self.ram.mark
+        req = F.fuse_in_header.pack(F.fuse_in_header.size + F.fuse_forget_in.size,
+                                    Op.FUSE_FORGET, 2, nodeid, 0, 0, 1, 0, 0)
+        rgpa = self.ram.alloc(len(req) + F.fuse_forget_in.size)
+        self.ram.write(rgpa, req + F.fuse_forget_in.pack(nlookup))
+        self.q.add([(rgpa, len(req) + F.fuse_forget_in.size)], [])
+        self.worker.serve(self.ring)
+        self.q.pop_used()
+        self.ram.reset_alloc(mark)
+
     def prebuild(self, batch: int, make: Callable[[int], Request], layout: str) -> list[int]:
         """Lay ``batch`` requests out as the load generator does; their head indices."""
         shim = SimpleNamespace(queues={1: self.q}, ram=self.ram, queue_size=QUEUE_SIZE)
@@ -127,6 +139,9 @@ def workloads(h: Harness, shared: Path) -> dict[str, Callable[[int], Request]]:
                                     hdr + F.fuse_entry_out.size),
         "read4k": lambda i: Request(Op.FUSE_READ, nodeid, F.fuse_read_in.pack(
             fh, (i * 4096) % FILE_BYTES, 4096, 0, 0, 0, 0), hdr + 4096, split_reply=True),
+        "write4k": lambda i: Request(Op.FUSE_WRITE, nodeid, F.fuse_write_in.pack(
+            fh, (i * 4096) % FILE_BYTES, 4096, 0, 0, 0, 0), hdr + F.fuse_write_out.size,
+            payload=4096),
         "read1m": lambda i: Request(Op.FUSE_READ, nodeid, F.fuse_read_in.pack(
             fh, 0, FILE_BYTES, 0, 0, 0, 0), hdr + FILE_BYTES, split_reply=True),
         "write1m": lambda i: Request(Op.FUSE_WRITE, nodeid, F.fuse_write_in.pack(
@@ -137,7 +152,7 @@ def workloads(h: Harness, shared: Path) -> dict[str, Callable[[int], Request]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_hotpath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="getattr,lookup,read4k,read1m,write1m")
+    p.add_argument("--workloads", default="getattr,lookup,read4k,write4k,read1m,write1m")
     p.add_argument("--layout", choices=LAYOUTS, default="compact")
     p.add_argument("--batch", type=int, default=32, help="requests per serve() call")
     p.add_argument("--requests", type=int, default=100_000, help="per workload per run")

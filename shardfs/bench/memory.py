@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shardfs.bench.common import process_tree
 
@@ -93,7 +94,18 @@ def measure_idle(queues: list[int], tmp: Path) -> dict[int, list[ProcessMemory]]
     return out
 
 
-def summarize(measured: dict[int, list[ProcessMemory]]) -> dict[str, object]:
+def measure_peer_idle(tmp: Path, cmd: list[str]) -> int:
+    """The PSS of an idle virtiofsd (``cmd``: run.virtiofsd_cmd) with a FUSE session."""
+    from shardfs.bench.run import VirtiofsdDaemon
+    d = VirtiofsdDaemon(tmp, "mem-virtiofsd", 1, cmd)
+    try:
+        time.sleep(SETTLE_S)
+        return total_pss(tree_memory(d.proc.pid))
+    finally:
+        d.stop()
+
+
+def summarize(measured: dict[int, list[ProcessMemory]]) -> dict[str, Any]:
     """Totals per queue count, the cost of each further queue, and the targets."""
     totals = {n: total_pss(p) for n, p in measured.items()}
     counts = sorted(totals)
@@ -107,7 +119,7 @@ def summarize(measured: dict[int, list[ProcessMemory]]) -> dict[str, object]:
             "target_1q_mb": TARGET_1Q_MB, "target_per_queue_mb": TARGET_PER_QUEUE_MB}
 
 
-def print_memory(summary: dict[str, object]) -> None:
+def print_memory(summary: dict[str, Any]) -> None:
     totals = summary["pss_total_bytes"]
     procs = summary["processes"]
     assert isinstance(totals, dict) and isinstance(procs, dict)
@@ -121,6 +133,9 @@ def print_memory(summary: dict[str, object]) -> None:
             ok = total / MB <= TARGET_1Q_MB
             line += f"  target <= {TARGET_1Q_MB:.0f} MB: {'met' if ok else 'MISSED'}"
         print(line)
+    peer = summary.get("virtiofsd_pss_bytes")
+    if isinstance(peer, int):
+        print(f"  virtiofsd (1 queue, idle): {peer / MB:.1f} MB PSS")
     per = summary["pss_per_further_queue_bytes"]
     if isinstance(per, float):
         ok = per / MB <= TARGET_PER_QUEUE_MB

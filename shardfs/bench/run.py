@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardfs.bench import amdahl, memory
 from shardfs.bench.common import PEER, REPO, cpu_seconds, find_virtiofsd, version_of
 from shardfs.bench.loadgen import LAYOUTS, Plan, prebuild, run_parallel
 from shardfs.bench.workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
@@ -170,8 +171,9 @@ class Prepared:
 
 
 def compare(shardfs: Daemon, peer: Daemon | None, w: Workload, args: argparse.Namespace,
-            ) -> tuple[Series, Series | None, list[float]]:
-    """Alternate runs of ``w`` on both daemons; the shardfs/peer ratio pair by pair."""
+            ) -> tuple[Series, Series | None, list[float], list[float]]:
+    """Alternate runs of ``w`` on both daemons; the shardfs/peer ratios pair by pair:
+    of the rates, and of the backend CPU per unit."""
     ops = args.ops or w.ops
     if w.depth is None and w.unit == "ops/s" and ops < args.depth:
         ops = args.depth
@@ -180,7 +182,8 @@ def compare(shardfs: Daemon, peer: Daemon | None, w: Workload, args: argparse.Na
     prepared = [Prepared(shardfs, w, args.depth, args.readdir_bytes, args.layout)]
     if peer is not None:
         prepared.append(Prepared(peer, w, args.depth, args.readdir_bytes, args.layout))
-    ratios = []
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
     try:
         for p in prepared:  # warm up: page cache, node tables, code paths
             p.run(max(1, ops // 10))
@@ -191,10 +194,12 @@ def compare(shardfs: Daemon, peer: Daemon | None, w: Workload, args: argparse.Na
             if theirs is not None:
                 theirs.samples.append(got["virtiofsd"])
                 ratios.append(got["shardfs"].rate / got["virtiofsd"].rate)
+                if got["virtiofsd"].cpu_us > 0:
+                    cpu_ratios.append(got["shardfs"].cpu_us / got["virtiofsd"].cpu_us)
     finally:
         for p in prepared:
             p.release()
-    return mine, theirs, ratios
+    return mine, theirs, ratios, cpu_ratios
 
 
 class ShardfsDaemon(Daemon):
@@ -238,8 +243,49 @@ def print_table(report: dict[str, Any]) -> None:
           f"the frontend's drivers share the CPUs with the daemons")
 
 
+#: The issue's targets, 1 queue against virtiofsd: (workload, measure, bound, kind).
+#: ``cpu``: backend CPU per unit, shardfs / virtiofsd, at most ``bound``;
+#: ``rate``: throughput, shardfs / virtiofsd, at least ``bound``.
+TARGETS = [
+    ("getattr", "cpu", 3.0), ("lookup", "cpu", 3.0), ("read4k", "cpu", 3.0),
+    ("write4k", "cpu", 3.0), ("read1m", "cpu", 1.25), ("write1m", "cpu", 1.25),
+    ("read4k_qd1", "rate", 1.0),
+]
+
+
+def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured ratio (median of the pairs, min, max) and verdict."""
+    rows = []
+    tables = {"cpu": {(r["workload"], r["queues"]): r for r in report.get("cpu_ratios", [])},
+              "rate": {(r["workload"], r["queues"]): r for r in report["ratios"]}}
+    for w, kind, limit in TARGETS:
+        got = tables[kind].get((w, 1))
+        if got is None:
+            continue
+        met = got["median"] <= limit if kind == "cpu" else got["median"] >= limit
+        rows.append({"workload": w, "kind": kind, "target": limit, "median": got["median"],
+                     "min": got["min"], "max": got["max"], "met": met})
+    return rows
+
+
+def print_targets(report: dict[str, Any]) -> None:
+    rows = target_rows(report)
+    report["targets"] = rows
+    if not rows:
+        return
+    print("\ntargets (1 queue, shardfs / virtiofsd, median of the pairs (min-max)):")
+    for r in rows:
+        what = ("backend CPU per unit" if r["kind"] == "cpu" else "rate")
+        op = "<=" if r["kind"] == "cpu" else ">="
+        print(f"  {r['workload']:<11} {what:<20} {r['median']:5.2f}x "
+              f"({r['min']:.2f}-{r['max']:.2f})  target {op} {r['target']:.2f}x: "
+              f"{'met' if r['met'] else 'MISSED'}")
+
+
 def build_report(series: list[Series], ratios: dict[tuple[str, int], list[float]],
-                 meta: dict[str, Any], workloads: list[str]) -> dict[str, Any]:
+                 meta: dict[str, Any], workloads: list[str],
+                 cpu_ratios: dict[tuple[str, int], list[float]] | None = None,
+                 ) -> dict[str, Any]:
     rows = []
     peer: dict[str, Series] = {}
     for s in series:
@@ -254,7 +300,10 @@ def build_report(series: list[Series], ratios: dict[tuple[str, int], list[float]
     return {"meta": meta, "workloads": workloads, "rows": rows,
             "ratios": [{"workload": w, "queues": q, "median": statistics.median(v),
                         "min": min(v), "max": max(v), "pairs": v}
-                       for (w, q), v in ratios.items() if v]}
+                       for (w, q), v in ratios.items() if v],
+            "cpu_ratios": [{"workload": w, "queues": q, "median": statistics.median(v),
+                            "min": min(v), "max": max(v), "pairs": v}
+                           for (w, q), v in (cpu_ratios or {}).items() if v]}
 
 
 def meta_info(args: argparse.Namespace, peer: str | None) -> dict[str, Any]:
@@ -308,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                    "that other disk traffic does not disturb the figures)")
     p.add_argument("--out", default=str(REPO / "bench-out"),
                    help="directory for bench.json and bench.png")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the idle daemons' PSS (shardfs.bench.memory)")
+    p.add_argument("--no-amdahl", action="store_true",
+                   help="skip the shared-table lock and log replay shares (shardfs.bench.amdahl)")
     p.add_argument("--guest", action="store_true",
                    help="run fio and a metadata loop in a QEMU guest instead")
     args, rest = p.parse_known_args(argv)
@@ -330,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = meta_info(args, peer)
     series: list[Series] = []
     ratios: dict[tuple[str, int], list[float]] = {}
+    cpu_ratios: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="shardfs-bench-", dir=args.dir) as tmp_s:
         tmp = Path(tmp_s)
         vd = None
@@ -345,18 +399,31 @@ def main(argv: list[str] | None = None) -> int:
                     for name in workloads:
                         print(f"{name}: shardfs {queues}q" + (" vs virtiofsd" if vd else ""),
                               file=sys.stderr, flush=True)
-                        mine, theirs, r = compare(sd, vd, WORKLOADS[name], args)
+                        mine, theirs, r, c = compare(sd, vd, WORKLOADS[name], args)
                         series.append(mine)
                         if theirs is not None:
                             series.append(theirs)
                             ratios[(name, queues)] = r
+                            cpu_ratios[(name, queues)] = c
                 finally:
                     sd.stop()
         finally:
             if vd is not None:
                 vd.stop()
-    report = build_report(series, ratios, meta, workloads)
+    report = build_report(series, ratios, meta, workloads, cpu_ratios)
     print_table(report)
+    print_targets(report)
+    if not args.no_memory:
+        with tempfile.TemporaryDirectory(prefix="shardfs-bench-mem-", dir=args.dir) as tmp_s:
+            qs = sorted({1, *[int(x) for x in args.queues.split(",")]})
+            report["memory"] = memory.summarize(memory.measure_idle(qs, Path(tmp_s)))
+            if peer:
+                report["memory"]["virtiofsd_pss_bytes"] = memory.measure_peer_idle(
+                    Path(tmp_s), virtiofsd_cmd(peer, args.hardened, args.virtiofsd_args))
+        memory.print_memory(report["memory"])
+    if not args.no_amdahl:
+        report["amdahl"] = amdahl.report(amdahl.measure())
+        amdahl.print_report(report["amdahl"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1))

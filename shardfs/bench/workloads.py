@@ -166,6 +166,13 @@ def build_read4k(t: Target, queue: int, depth: int) -> tuple[Slots, None]:
         split_reply=True)]] for s in range(depth)], None
 
 
+def build_write4k(t: Target, queue: int, depth: int) -> tuple[Slots, None]:
+    nodeid, fh = _open(t, f"write4k-target-q{queue}", READ4K_FILE_BYTES, os.O_RDWR)
+    return [[[Request(Op.FUSE_WRITE, nodeid, F.fuse_write_in.pack(
+        fh, (s * 4096) % READ4K_FILE_BYTES, 4096, 0, 0, os.O_RDWR, 0),
+        OUT_HDR + F.fuse_write_out.size, payload=4096)]] for s in range(depth)], None
+
+
 def build_read1m(t: Target, queue: int, depth: int) -> tuple[Slots, None]:
     nodeid, fh = _open(t, "read1m-target", BIG_FILE_BYTES, os.O_RDONLY)
     return [[[Request(Op.FUSE_READ, nodeid, F.fuse_read_in.pack(
@@ -206,6 +213,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              build_create),
     Workload("read4k_qd1", "4 KiB READ, depth 1", "ops/s", 1, 4_000, 1, build_read4k),
     Workload("read4k", "4 KiB READ", "ops/s", 1, 20_000, None, build_read4k),
+    Workload("write4k", "4 KiB WRITE", "ops/s", 1, 20_000, None, build_write4k),
     Workload("read1m", "1 MiB READ", "MB/s", MIB / MB, 2_000, 8, build_read1m),
     Workload("write1m", "1 MiB WRITE", "MB/s", MIB / MB, 2_000, 8, build_write1m),
     Workload("readdirplus", "READDIRPLUS of 10,000 entries", "entries/s", DIR_ENTRIES, 3, 1,

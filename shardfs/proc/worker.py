@@ -32,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardfs.dispatch import PENDING, Dispatcher
+from shardfs.dispatch import Dispatcher
 from shardfs.fs.api import FileSystem
 from shardfs.proc import control
 from shardfs.proc.dax import DaxClient
-from shardfs.proc.lockclient import LockClient, in_flight_heads
+from shardfs.proc.pressure import CpuPressure
 from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
 from shardfs.sandbox.userns import may_setgroups
 from shardfs.virtq.dirtylog import DirtyLog, LogState
@@ -121,6 +121,9 @@ class Worker:
         self.poll_ns = poll_us * 1000
         #: The current spin before sleeping, 0..poll_ns (see next_poll_window).
         self.window_ns = self.poll_ns
+        #: No spinning while tasks wait for a CPU (proc.pressure); opened here,
+        #: before the sandbox hides /proc.
+        self.pressure = CpuPressure() if poll_us else None
         self.stats_page = stats_page if stats_page is not None else create_page(MAX_QUEUES)
         #: Shared with the supervisor: per ring, the next avail index we take.
         self.progress = progress if progress is not None else mmap.mmap(-1, _PROGRESS.size * 64)
@@ -132,8 +135,6 @@ class Worker:
         self.ep = select.epoll()
         self.dispatcher: Dispatcher | None = None
         self.running = True
-        #: Host-visible locks (proc.lockclient): chains parked and answered later.
-        self.locks: LockClient | None = None
         #: Live migration: the dirty log to mark after every guest-memory
         #: write, or None (the only cost when off: one test per request).
         self.logging = LogState()
@@ -171,8 +172,6 @@ class Worker:
                     if ring is not None:
                         kicked = True
                         self._kick(ring)
-                    elif self.locks is not None and fd == self.locks.done_fd:
-                        self.locks.complete(self.rings, self.mem)
             if self.poll_ns and self.rings:
                 if kicked:
                     self.window_ns = next_poll_window(self.window_ns, slept, self.poll_ns)
@@ -196,10 +195,15 @@ class Worker:
         Every request served restarts the budget, so a busy queue is polled
         continuously and an idle one costs at most ``window_ns`` of CPU; the
         window itself follows how soon kicks come (:func:`next_poll_window`).
+        No spin at all while other tasks wait for a CPU (:mod:`shardfs.proc.pressure`):
+        under TCG they are the guest's vCPUs, and the spin would take their time.
         """
         clock = time.perf_counter_ns
         rings = list(self.rings.values())
+        pressure = self.pressure
         window = self.window_ns
+        if pressure is not None and pressure.contended(clock()):
+            window = 0
         while True:
             deadline = clock() + window
             while clock() < deadline:
@@ -211,7 +215,10 @@ class Worker:
                         waiting = False
                     if waiting:
                         self.serve(ring)
-                        deadline = clock() + window
+                        now = clock()
+                        if pressure is not None and pressure.contended(now):
+                            window = 0  # a busy ring spun on while the guest waited
+                        deadline = now + window
             # serve() left the driver's notifications off while we watched the
             # rings: ask for kicks again before sleeping, and look once more.
             again = False
@@ -253,6 +260,7 @@ class Worker:
         # before it sleeps: a driver publishing meanwhile need not kick.
         rearm = not self.poll_ns
         dirty = self.dirty
+        t0 = clock()
         try:
             while True:
                 q.disable_notification()
@@ -267,16 +275,14 @@ class Worker:
                         push(chain, 0)
                         values[MALFORMED] += 1
                     else:
-                        t0 = clock()
                         idle()
-                        used = handle(chain)
-                        if used != PENDING:
-                            push(chain.head, used)
-                        elif self.locks is not None:
-                            self.locks.park(q.index, chain.head)
+                        push(chain.head, handle(chain))
                         if dirty is not None:
                             dirty.mark_views(chain.writable)
-                        dt = clock() - t0
+                        # One clock read per request: this one ends it and starts the next.
+                        t1 = clock()
+                        dt = t1 - t0
+                        t0 = t1
                         if call_now is not None and call_now():
                             os.eventfd_write(call_fd, 1)  # type: ignore[arg-type]
                             values[NOTIFICATIONS] += 1
@@ -407,13 +413,8 @@ class Worker:
             log.error("queue %d: progress %d and used %d disagree; not recovering", q.index,
                       q.last_avail_idx, q.used_idx)
             return
-        heads = in_flight_heads(q, self.locks.orphans(q.index) if self.locks else [])
-        if heads is None:
-            log.error("queue %d: %d in flight but parked lock waits disagree; not recovering",
-                      q.index, n)
-            return
-        n = len(heads)
-        for head in heads:
+        for k in range(n):
+            head = q.head_at((q.used_idx + k) & 0xFFFF)
             chain = q.chain_at(self.mem, head)
             q.push(head, self.dispatcher.fail(chain, errno.EIO))
             if self.dirty is not None and chain is not None:
@@ -475,8 +476,6 @@ class Worker:
         (drop_fs,) = args
         if drop_fs and self.dispatcher is not None:
             self.dispatcher.fs.destroy()
-            if self.locks is not None:
-                self.locks.destroy()  # nothing of this guest's stays locked on the host
             self.dispatcher.initialized = False
 
     def c_dirty_log(self, args: list[Any], fds: list[int]) -> None:
@@ -507,17 +506,6 @@ class Worker:
             raise control.ControlError("no DAX here, or not one fd")
         self.dax.attach(fds[0])
 
-    def c_lock_link(self, args: list[Any], fds: list[int]) -> None:
-        """The link to the lock process (proc.locks.attach_worker): call and completion fds."""
-        if len(fds) != 2 or self.dispatcher is None:
-            raise control.ControlError("a lock link needs two fds and a running dispatcher")
-        if self.locks is not None:
-            self.ep.unregister(self.locks.done_fd)
-            self.locks.close()
-        self.locks = LockClient(fds[0], fds[1], args[0])
-        self.dispatcher.locks = self.locks
-        self.ep.register(self.locks.done_fd, select.EPOLLIN)
-
     def c_ping(self, args: list[Any], fds: list[int]) -> str:
         return "pong"
 
@@ -533,8 +521,6 @@ class Worker:
             self.ep.unregister(ring.kick_fd)
         except (OSError, ValueError):
             pass
-        if self.locks is not None:
-            self.locks.abandon(index, ring.queue, self.mem)
         _close(ring.kick_fd)
         _close(ring.call_fd)
         ring.queue.stop()

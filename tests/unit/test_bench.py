@@ -200,4 +200,88 @@ def test_hotpath_harness_runs(capsys: pytest.CaptureFixture[str]) -> None:
         assert bench_hotpath.main(["--requests", "64", "--runs", "1", "--batch", "4",
                                    "--layout", layout]) == 0
     out = capsys.readouterr().out
-    assert out.count("us/request") == 2 * 5
+    assert out.count("us/request") == 2 * 6
+
+
+# -- targets, memory, Amdahl, guest summary ----------------------------------------------
+
+def test_targets_are_printed_with_their_verdicts(capsys: pytest.CaptureFixture[str]) -> None:
+    series, ratios = _series()
+    meta = {"cpus": 2, "cpu_model": "x", "load_before": "0"}
+    report = bench.build_report(series, ratios, meta, ["getattr"],
+                                {("getattr", 1): [2.0, 4.0, 5.0], ("getattr", 2): [9.0]})
+    bench.print_targets(report)
+    out = capsys.readouterr().out
+    assert "getattr     backend CPU per unit  4.00x (2.00-5.00)  target <= 3.00x: MISSED" in out
+    assert report["targets"] == [{"workload": "getattr", "kind": "cpu", "target": 3.0,
+                                  "median": 4.0, "min": 2.0, "max": 5.0, "met": False}]
+
+
+def test_pss_of_this_process_tree() -> None:
+    from shardfs.bench import memory
+    me = memory.process_memory(os.getpid())
+    assert me is not None and me.pss_bytes > 0 and me.rss_bytes >= me.private_bytes
+    assert memory.process_memory(2**22 + 12345) is None  # no such pid
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pids = {m.pid for m in memory.tree_memory(os.getpid())}
+        assert {os.getpid(), child.pid} <= pids
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_memory_summary_and_its_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardfs.bench import memory
+    mb = 1_000_000
+    one = [memory.ProcessMemory(1, "shardfs", 8 * mb, 3 * mb, 9 * mb),
+           memory.ProcessMemory(2, "shardfs-w0", 8 * mb, 3 * mb, 9 * mb)]
+    four = one + [memory.ProcessMemory(3 + k, f"shardfs-w{k + 1}", 2 * mb, 2 * mb, 9 * mb)
+                  for k in range(3)]
+    summary = memory.summarize({1: one, 4: four})
+    assert summary["pss_total_bytes"] == {"1": 16 * mb, "4": 22 * mb}
+    assert summary["pss_per_further_queue_bytes"] == 2 * mb
+    memory.print_memory(summary)
+    out = capsys.readouterr().out
+    assert "1 queue(s):  16.0 MB PSS" in out and "target <= 18 MB: met" in out
+    assert "each further queue: 2.0 MB PSS  target <= 3 MB: met" in out
+
+
+def test_amdahl_bound_and_a_small_measurement(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardfs.bench import amdahl
+    assert amdahl.bound(0.0, 8) == 8.0 and amdahl.bound(1.0, 8) == 1.0
+    assert abs(amdahl.bound(0.1, 2) - 1 / 0.55) < 1e-9
+    rep = amdahl.report(amdahl.measure(requests=64))
+    assert [r["workload"] for r in rep["rows"]] == ["getattr", "lookup", "read4k", "write4k",
+                                                    "create"]
+    for r in rep["rows"]:
+        assert 0.0 <= r["serial"] <= 1.0
+        assert all(1.0 <= r["bound"][str(n)] <= n for n in amdahl.QUEUES)
+    amdahl.print_report(rep)
+    assert "N=16" in capsys.readouterr().out
+    # The probe is gone afterwards: the classes are as they were.
+    from shardfs.fs.passthrough import shared
+    from shardfs.fs.passthrough.fhandle import RobustMutex
+    assert RobustMutex.__enter__.__qualname__ == "RobustMutex.__enter__"
+    assert shared.replay_log.__qualname__ == "replay_log"
+
+
+def test_guest_summary_medians_ratios_and_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardfs.bench import guest
+    rows = []
+    for run, (a, b, c) in enumerate([(90, 100, 95), (80, 120, 85), (100, 110, 70)]):
+        rows += [{"phase": "stat", "rate": a, "cpu_us_per_op": 10.0, "backend": "shardfs",
+                  "queues": 1, "run": run},
+                 {"phase": "stat", "rate": c, "cpu_us_per_op": 12.0, "backend": "shardfs",
+                  "queues": 2, "run": run},
+                 {"phase": "stat", "rate": b, "cpu_us_per_op": 5.0, "backend": "virtiofsd",
+                  "queues": 1, "run": run}]
+    (s,) = guest.summarize(rows, ["stat"])
+    assert s["backends"]["shardfs 1q"] == {"median": 90, "min": 80, "max": 100, "runs": 3,
+                                           "cpu_us_per_op": 10.0}
+    assert s["x_1q"] == 90 / 110 and not s["met_1q"]
+    assert s["x_2q_over_1q"] == 85 / 90 and not s["met_2q"]
+    guest.print_summary([s])
+    assert "0.82!" in capsys.readouterr().out
+    script = guest.guest_script(["create", "stat"])
+    assert "meta.py create 1000 $CTL" in script and "meta.py stat 1000 $CTL" in script
