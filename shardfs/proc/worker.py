@@ -32,10 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardfs.dispatch import Dispatcher
+from shardfs.dispatch import PENDING, Dispatcher
 from shardfs.fs.api import FileSystem
 from shardfs.proc import control
 from shardfs.proc.dax import DaxClient
+from shardfs.proc.lockclient import LockClient, in_flight_heads
 from shardfs.proc.pressure import CpuPressure
 from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
 from shardfs.sandbox.userns import may_setgroups
@@ -135,6 +136,8 @@ class Worker:
         self.ep = select.epoll()
         self.dispatcher: Dispatcher | None = None
         self.running = True
+        #: Host-visible locks (proc.lockclient): chains parked and answered later.
+        self.locks: LockClient | None = None
         #: Live migration: the dirty log to mark after every guest-memory
         #: write, or None (the only cost when off: one test per request).
         self.logging = LogState()
@@ -172,6 +175,8 @@ class Worker:
                     if ring is not None:
                         kicked = True
                         self._kick(ring)
+                    elif self.locks is not None and fd == self.locks.done_fd:
+                        self.locks.complete(self.rings, self.mem)
             if self.poll_ns and self.rings:
                 if kicked:
                     self.window_ns = next_poll_window(self.window_ns, slept, self.poll_ns)
@@ -276,7 +281,11 @@ class Worker:
                         values[MALFORMED] += 1
                     else:
                         idle()
-                        push(chain.head, handle(chain))
+                        used = handle(chain)
+                        if used != PENDING:
+                            push(chain.head, used)
+                        elif self.locks is not None:
+                            self.locks.park(q.index, chain.head)
                         if dirty is not None:
                             dirty.mark_views(chain.writable)
                         # One clock read per request: this one ends it and starts the next.
@@ -413,8 +422,13 @@ class Worker:
             log.error("queue %d: progress %d and used %d disagree; not recovering", q.index,
                       q.last_avail_idx, q.used_idx)
             return
-        for k in range(n):
-            head = q.head_at((q.used_idx + k) & 0xFFFF)
+        heads = in_flight_heads(q, self.locks.orphans(q.index) if self.locks else [])
+        if heads is None:
+            log.error("queue %d: %d in flight but parked lock waits disagree; not recovering",
+                      q.index, n)
+            return
+        n = len(heads)
+        for head in heads:
             chain = q.chain_at(self.mem, head)
             q.push(head, self.dispatcher.fail(chain, errno.EIO))
             if self.dirty is not None and chain is not None:
@@ -476,6 +490,8 @@ class Worker:
         (drop_fs,) = args
         if drop_fs and self.dispatcher is not None:
             self.dispatcher.fs.destroy()
+            if self.locks is not None:
+                self.locks.destroy()  # nothing of this guest's stays locked on the host
             self.dispatcher.initialized = False
 
     def c_dirty_log(self, args: list[Any], fds: list[int]) -> None:
@@ -506,6 +522,17 @@ class Worker:
             raise control.ControlError("no DAX here, or not one fd")
         self.dax.attach(fds[0])
 
+    def c_lock_link(self, args: list[Any], fds: list[int]) -> None:
+        """The link to the lock process (proc.locks.attach_worker): call and completion fds."""
+        if len(fds) != 2 or self.dispatcher is None:
+            raise control.ControlError("a lock link needs two fds and a running dispatcher")
+        if self.locks is not None:
+            self.ep.unregister(self.locks.done_fd)
+            self.locks.close()
+        self.locks = LockClient(fds[0], fds[1], args[0])
+        self.dispatcher.locks = self.locks
+        self.ep.register(self.locks.done_fd, select.EPOLLIN)
+
     def c_ping(self, args: list[Any], fds: list[int]) -> str:
         return "pong"
 
@@ -521,6 +548,8 @@ class Worker:
             self.ep.unregister(ring.kick_fd)
         except (OSError, ValueError):
             pass
+        if self.locks is not None:
+            self.locks.abandon(index, ring.queue, self.mem)
         _close(ring.kick_fd)
         _close(ring.call_fd)
         ring.queue.stop()
