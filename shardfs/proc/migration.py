@@ -47,6 +47,7 @@ from shardfs.fs.passthrough.migrate import (
     MigrationError,
     Share,
     apply_import,
+    collect_paths,
     export_state,
     plan_import,
 )
@@ -110,10 +111,47 @@ class Migration:
         #: queue index -> [used-ring log gpa or None, ring size]
         self.ring_logs: dict[int, list[Any]] = {}
         self.transfer: Transfer | None = None
+        #: find-paths' premigration pass (started with LOG_ALL) and its result.
+        self.premigration: threading.Thread | None = None
+        self.known_paths: dict[int, bytes] = {}
         #: Seconds the last save/load spent in the supervisor, and its bytes (stats, tests).
         self.last: dict[str, Any] = {}
 
+    def start_premigration(self) -> None:
+        """While QEMU copies RAM, read every node's path (downtime then only confirms)."""
+        if self.cfg.migration_mode != "find-paths" or self.premigration is not None:
+            return
+        self.known_paths = {}
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                share = Share.open(self.cfg.shared_dir)
+                try:
+                    self.known_paths = collect_paths(self.shared, share)
+                finally:
+                    share.close()
+            except OSError as e:
+                log.warning("migration: the premigration pass failed (%s); paths are read "
+                            "at switch-over", e.strerror or e)
+                return
+            log.info("migration: premigration pass: %d paths in %.1f ms",
+                     len(self.known_paths), 1000 * (time.perf_counter() - t0))
+
+        self.premigration = threading.Thread(target=run, name="shardfs-premigration",
+                                             daemon=True)
+        self.premigration.start()
+
+    def end_premigration(self) -> dict[int, bytes]:
+        """Wait for the premigration pass; its paths (empty if none ran)."""
+        if self.premigration is not None:
+            self.premigration.join()
+            self.premigration = None
+        known, self.known_paths = self.known_paths, {}
+        return known
+
     def close(self) -> None:
+        self.end_premigration()
         if self.log_fd is not None:
             os.close(self.log_fd)
             self.log_fd = None
@@ -129,10 +167,11 @@ class Migration:
 
     def save(self, fd: int) -> None:
         t0 = time.perf_counter()
+        known = self.end_premigration()
         share = Share.open(self.cfg.shared_dir)
         try:
             state = export_state(self.shared, share, MODES[self.cfg.migration_mode],
-                                 self.cfg.migration_verify_handles)
+                                 self.cfg.migration_verify_handles, known)
         finally:
             share.close()
         lost = [n for n in state.nodes if n.error]
@@ -235,6 +274,10 @@ class MigrationDevice(Device):
         m = self._m()
         m.log_all = enabled
         log.info("dirty logging %s", "on (migration)" if enabled else "off")
+        if enabled:
+            m.start_premigration()
+        else:
+            m.end_premigration()  # cancelled or done: the paths would go stale
         msg, _ = m.log_message()
         msg[-1] = False  # the workers keep the log they mapped
         self._all(msg, [])
