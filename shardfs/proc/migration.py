@@ -344,4 +344,10 @@ class MigrationDevice(Device):
         except OSError as e:
             log.error("migration: cannot load the device state: %s", e.strerror or e)
             return False
+        try:
+            # The session arrived without an INIT here: a later INIT (a guest
+            # reboot) must drop it, as it would on the source.
+            self._all(["migrated"], [])
+        except ProtocolError as e:
+            log.warning("migration: %s", e)
         return True

@@ -533,6 +533,12 @@ class Worker:
         self.dispatcher.locks = self.locks
         self.ep.register(self.locks.done_fd, select.EPOLLIN)
 
+    def c_migrated(self, args: list[Any], fds: list[int]) -> None:
+        """The FUSE session was loaded from a migration stream (proc.migration):
+        count it as initialized, so that a re-INIT (guest reboot) drops it."""
+        if self.dispatcher is not None:
+            self.dispatcher.initialized = True
+
     def c_ping(self, args: list[Any], fds: list[int]) -> str:
         return "pong"
 
