@@ -35,7 +35,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from shardfs.abi import fuse as F
@@ -49,6 +49,14 @@ from shardfs.virtq.split import QueueError, SplitQueue
 log = logging.getLogger("shardfs.locks")
 
 
+class DirtyLike(Protocol):
+    """The live-migration dirty log (``shardfs.virtq.dirtylog.DirtyLog``)."""
+
+    def mark_views(self, views: Iterable[memoryview]) -> None: ...
+
+    def mark_used(self, index: int) -> None: ...
+
+
 class RingLike(Protocol):
     """What :meth:`LockClient.complete` needs of a worker's ring."""
 
@@ -56,8 +64,10 @@ class RingLike(Protocol):
     call_fd: int | None
 
 
-def answer(q: SplitQueue, mem: GuestMemory, head: int, unique: int, err: int) -> None:
-    """Reply ``-err`` (0: success, no body) to the parked chain at ``head`` and push it."""
+def answer(q: SplitQueue, mem: GuestMemory, head: int, unique: int, err: int,
+           dirty: DirtyLike | None = None) -> None:
+    """Reply ``-err`` (0: success, no body) to the parked chain at ``head`` and push it;
+    with a dirty log (live migration), mark what was written."""
     chain = q.chain_at(mem, head)
     used = 0
     if chain is not None:
@@ -67,7 +77,11 @@ def answer(q: SplitQueue, mem: GuestMemory, head: int, unique: int, err: int) ->
             used = F.fuse_out_header.size
         except ShortRead:
             used = 0
+        if dirty is not None:
+            dirty.mark_views(chain.writable)
     q.push(head, used)
+    if dirty is not None:
+        dirty.mark_used(q.index)
 
 
 class LockClient:
@@ -186,8 +200,13 @@ class LockClient:
         self.parked[unique] = (ring, head)
         self._cast(["tag", unique, ring, head])
 
-    def complete(self, rings: Mapping[int, RingLike], mem: GuestMemory) -> int:
-        """Answer the chains whose waits ended; return how many were pushed."""
+    def complete(self, rings: Mapping[int, RingLike], mem: GuestMemory,
+                 dirty: DirtyLike | None = None) -> int:
+        """Answer the chains whose waits ended; return how many rings were touched.
+
+        If the lock process is gone, every parked chain is answered ENOLCK and
+        the completion socket is closed (which takes it out of the worker's epoll).
+        """
         touched: dict[int, RingLike] = {}
         while True:
             try:
@@ -215,19 +234,21 @@ class LockClient:
                 if ring is None or not ring.queue.ready:
                     continue
                 try:
-                    answer(ring.queue, mem, spot[1], unique, err)
+                    answer(ring.queue, mem, spot[1], unique, err, dirty)
                 except QueueError as e:
                     log.error("queue %d: a lock reply could not be pushed: %s", spot[0], e)
                     continue
                 touched[spot[0]] = ring
             if self.broken:
+                self.done.close()
                 break
         for ring in touched.values():
             if ring.call_fd is not None and ring.queue.needs_notification():
                 os.eventfd_write(ring.call_fd, 1)
         return len(touched)
 
-    def abandon(self, index: int, q: SplitQueue, mem: GuestMemory) -> None:
+    def abandon(self, index: int, q: SplitQueue, mem: GuestMemory,
+                dirty: DirtyLike | None = None) -> None:
         """Ring ``index`` stops: answer its parked chains EINTR and withdraw their waits."""
         gone = [u for u, (ring, _) in self.parked.items() if ring == index]
         if not gone:
@@ -236,7 +257,7 @@ class LockClient:
             _, head = self.parked.pop(unique)
             if q.ready:
                 try:
-                    answer(q, mem, head, unique, errno.EINTR)
+                    answer(q, mem, head, unique, errno.EINTR, dirty)
                 except QueueError:
                     pass
         self._cast(["withdraw", gone])

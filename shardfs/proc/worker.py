@@ -176,7 +176,7 @@ class Worker:
                         kicked = True
                         self._kick(ring)
                     elif self.locks is not None and fd == self.locks.done_fd:
-                        self.locks.complete(self.rings, self.mem)
+                        self.locks.complete(self.rings, self.mem, self.dirty)
             if self.poll_ns and self.rings:
                 if kicked:
                     self.window_ns = next_poll_window(self.window_ns, slept, self.poll_ns)
@@ -527,7 +527,10 @@ class Worker:
         if len(fds) != 2 or self.dispatcher is None:
             raise control.ControlError("a lock link needs two fds and a running dispatcher")
         if self.locks is not None:
-            self.ep.unregister(self.locks.done_fd)
+            try:
+                self.ep.unregister(self.locks.done_fd)
+            except (OSError, ValueError):
+                pass  # closed already: the lock process had gone
             self.locks.close()
         self.locks = LockClient(fds[0], fds[1], args[0])
         self.dispatcher.locks = self.locks
@@ -555,7 +558,7 @@ class Worker:
         except (OSError, ValueError):
             pass
         if self.locks is not None:
-            self.locks.abandon(index, ring.queue, self.mem)
+            self.locks.abandon(index, ring.queue, self.mem, self.dirty)
         _close(ring.kick_fd)
         _close(ring.call_fd)
         ring.queue.stop()
