@@ -282,12 +282,14 @@ class Worker:
                     else:
                         idle()
                         used = handle(chain)
+                        if dirty is not None:
+                            # Before the push: once the driver can see the reply,
+                            # its pages are in the log.
+                            dirty.mark_views(chain.writable)
                         if used != PENDING:
                             push(chain.head, used)
                         elif self.locks is not None:
                             self.locks.park(q.index, chain.head)
-                        if dirty is not None:
-                            dirty.mark_views(chain.writable)
                         # One clock read per request: this one ends it and starts the next.
                         t1 = clock()
                         dt = t1 - t0
