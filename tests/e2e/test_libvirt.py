@@ -26,6 +26,7 @@ import stat
 import subprocess
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,7 @@ def shares(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("libvirt-shares")
 
 
-#: The options domain: tag -> (the filesystem's XML settings, writable).
+#: The options domain: tag -> its filesystem's settings (the share is added per run).
 OPTION_CASES = {
     "base": VirtioFs("base"),
     "always": VirtioFs("always", xattr="on",
@@ -246,17 +247,27 @@ OPTION_CASES = {
 }
 
 
-#: alias -> what ``shardfs stats --pid`` said about the options domain's backends
-#: while the guest was paused (its exit status and output).
-OPTIONS_STATS: dict[str, subprocess.CompletedProcess[str]] = {}
-#: alias -> the pid libvirt's pidfile gave for it.
-OPTIONS_PIDS: dict[str, int] = {}
-#: alias -> that process's /proc/PID/limits, read while the guest was paused.
-OPTIONS_LIMITS: dict[str, str] = {}
+@dataclass
+class PausedView:
+    """What the host saw of the options domain's backends while its guest waited."""
+
+    #: alias -> the pid libvirt's pidfile gave for it
+    pids: dict[str, int] = field(default_factory=dict)
+    #: alias -> ``shardfs stats --pid`` (exit status and output)
+    stats: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+    #: alias -> that process's /proc/PID/limits
+    limits: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
-def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
+def paused_view() -> PausedView:
+    """Filled by ``options_run``."""
+    return PausedView()
+
+
+@pytest.fixture(scope="module")
+def options_run(system_libvirt: SystemLibvirt, shares: Path, paused_view: PausedView
+                ) -> DomainRun:
     """One domain, one shardfs per ``<filesystem>``: defaults, cache/xattr/pool, read-only.
 
     Before it powers off, the guest waits while the host reads each backend's
@@ -279,12 +290,12 @@ def options_run(system_libvirt: SystemLibvirt, shares: Path) -> DomainRun:
     def read_stats(name: str) -> None:
         for fs in filesystems:
             try:
-                pid = OPTIONS_PIDS[fs.alias] = system_libvirt.backend_pid(fs.alias)
+                pid = paused_view.pids[fs.alias] = system_libvirt.backend_pid(fs.alias)
             except AssertionError as e:
-                OPTIONS_STATS[fs.alias] = subprocess.CompletedProcess([], 1, "", str(e))
+                paused_view.stats[fs.alias] = subprocess.CompletedProcess([], 1, "", str(e))
                 continue
-            OPTIONS_LIMITS[fs.alias] = read_text(Path(f"/proc/{pid}/limits"))
-            OPTIONS_STATS[fs.alias] = subprocess.run(
+            paused_view.limits[fs.alias] = read_text(Path(f"/proc/{pid}/limits"))
+            paused_view.stats[fs.alias] = subprocess.run(
                 [daemon_python(), "-m", "shardfs", "stats", "--pid", str(pid), "--format", "json"],
                 capture_output=True, text=True, check=False, timeout=60)
 
@@ -387,8 +398,8 @@ def test_cache_always_xattr_on_thread_pool(
 
 
 def test_cache_none_openfiles_namespace(
-    options_run: DomainRun, system_libvirt: SystemLibvirt, shares: Path,
-    request: pytest.FixtureRequest,
+    options_run: DomainRun, paused_view: PausedView, system_libvirt: SystemLibvirt,
+    shares: Path, request: pytest.FixtureRequest,
 ) -> None:
     """``<cache mode='none'/>``, ``<openfiles max='4096'/>``, ``<sandbox mode='namespace'/>``."""
     attach_run(request.node, options_run, system_libvirt)
@@ -397,9 +408,10 @@ def test_cache_none_openfiles_namespace(
     assert option_given(cmd, "--cache", "never") or option_given(cmd, "--cache", "none"), cmd
     assert option_given(cmd, "--rlimit-nofile", "4096"), cmd
     # ... and the daemon libvirt started runs with it (read while the guest was paused).
-    nofile = [line.split()[3:5] for line in OPTIONS_LIMITS.get("ua-never", "").splitlines()
+    limits = paused_view.limits.get("ua-never", "")
+    nofile = [line.split()[3:5] for line in limits.splitlines()
               if line.startswith("Max open files")]
-    assert nofile == [["4096", "4096"]], OPTIONS_LIMITS.get("ua-never")
+    assert nofile == [["4096", "4096"]], limits
     assert option_given(cmd, "--sandbox", "namespace"), cmd
     backend_ok(options_run, "ua-never")
 
@@ -415,17 +427,18 @@ def test_readonly(options_run: DomainRun, system_libvirt: SystemLibvirt, shares:
     backend_ok(options_run, "ua-ro")
 
 
-def test_stats_of_a_daemon_libvirt_started(options_run: DomainRun) -> None:
+def test_stats_of_a_daemon_libvirt_started(options_run: DomainRun,
+                                           paused_view: PausedView) -> None:
     """``--fd`` alone: ``shardfs stats --pid PID`` reaches each daemon libvirt started."""
     options_run.assert_step("pause")
-    assert sorted(OPTIONS_STATS) == sorted(fs.alias for fs in OPTION_CASES.values())
-    for alias, done in OPTIONS_STATS.items():
+    assert sorted(paused_view.stats) == sorted(fs.alias for fs in OPTION_CASES.values())
+    for alias, done in paused_view.stats.items():
         assert done.returncode == 0, f"{alias}: shardfs stats --pid failed: {done.stderr}"
         stats = json.loads(done.stdout)
         served = {q["queue"]: q["requests"] for q in stats["queues"]}
         assert served.get(1, 0) > 0, f"{alias}: {served}"
     # libvirt stopped them (SIGTERM) when the domain ended: each removed its socket.
-    stale = [p for p in OPTIONS_PIDS.values() if Path(f"/run/shardfs/stats-{p}.sock").exists()]
+    stale = [p for p in paused_view.pids.values() if Path(f"/run/shardfs/stats-{p}.sock").exists()]
     assert not stale, f"status sockets left behind by {stale}\n" + options_run.describe()
 
 
