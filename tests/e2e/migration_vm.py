@@ -192,7 +192,7 @@ def migrate(src: Vm, dst: Vm, *, bandwidth: int = 1 << 30, timeout_s: float = 60
     """Migrate ``src`` to ``dst`` (started with -incoming) and wait for the end."""
     assert src.qmp is not None and dst.qmp is not None and dst.incoming_port is not None
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth,
-                                             "downtime-limit": 2000})
+                                             "downtime-limit": 300})
     src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{dst.incoming_port}")
     deadline = time.monotonic() + timeout_s
     info: dict[str, Any] = {}

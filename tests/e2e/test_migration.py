@@ -128,7 +128,7 @@ class Rig:
     def wait_file(self, name: str, timeout_s: float = BOOT_TIMEOUT_S) -> str:
         path = self.ctl / name
         deadline = time.monotonic() + timeout_s
-        while not path.exists():
+        while not path.exists() or not path.stat().st_size:  # created, then written
             for f in ("app.err", "sqlite.err"):
                 if (self.ctl / f).exists():
                     raise AssertionError(f"guest: {(self.ctl / f).read_text()}\n{self.describe()}")
