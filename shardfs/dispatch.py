@@ -288,10 +288,46 @@ class Dispatcher:
              _pad) = _unpack_in(rbufs[0], 0)
             spec = FAST.get(opcode)
             if spec is not None and not extlen and length <= chain.readable_len:
-                n = self._fast(spec, chain, rbufs, first, length, opcode, unique, nodeid,
-                               (uid, gid, pid))
-                if n is not None:
-                    return n
+                # The fast path (see FAST), inlined: where are the arguments and the
+                # reply?  None of these shapes: the general path below.
+                args_size, reply_size, fn = spec
+                wbufs = chain.writable
+                if length < _IN_HEADER_SIZE + args_size or not wbufs:
+                    av = None  # the general path answers EINVAL, or drops the chain
+                elif first > _IN_HEADER_SIZE and first >= _IN_HEADER_SIZE + args_size:
+                    av, apos = rbufs[0], _IN_HEADER_SIZE
+                elif (first == _IN_HEADER_SIZE and len(rbufs) > 1
+                      and len(rbufs[1]) >= args_size):
+                    av, apos = rbufs[1], 0
+                else:
+                    av = None
+                if av is not None:
+                    w0 = wbufs[0]
+                    if len(w0) >= OUT_HDR + reply_size:
+                        rv, rpos = w0, OUT_HDR
+                    elif (len(w0) == OUT_HDR and len(wbufs) > 1
+                          and len(wbufs[1]) >= reply_size):
+                        rv, rpos = wbufs[1], 0
+                    else:
+                        av = None
+                if av is not None:
+                    key = (uid, gid, pid)
+                    ctx = self._contexts.get(key)
+                    if ctx is None:
+                        ctx = self._context(key)
+                    try:
+                        n = fn(self, ctx, nodeid, av, apos, length - _IN_HEADER_SIZE, rv, rpos,
+                               chain)
+                    except Exception as e:
+                        return self._failed(ChainWriter(wbufs, chain.writable_len), unique,
+                                            opcode, e)
+                    if n is not None:
+                        total = OUT_HDR + n
+                        if chain.writable_len < total:
+                            stats.dropped += 1
+                            return 0
+                        _OUT_HEADER.pack_into(w0, 0, total, 0, unique)
+                        return total
             r = (ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 0,
                              _IN_HEADER_SIZE) if first > _IN_HEADER_SIZE
                  else ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 1))
@@ -359,54 +395,6 @@ class Dispatcher:
             w.write_at(0, _pack_out(total, 0, unique))
         else:
             _OUT_HEADER.pack_into(spot[0], spot[1], total, 0, unique)
-        return total
-
-    def _fast(self, spec: FastSpec, chain: DescriptorChain, rbufs: list[memoryview],
-              first: int, length: int, opcode: int, unique: int, nodeid: int,
-              key: tuple[int, int, int]) -> int | None:
-        """The fast path of :meth:`handle`: the used length, or None (take the general path).
-
-        Recognised: the arguments whole in the header's view (right after
-        it) or at the start of the next view, at least as many bytes of them
-        as the header's ``len`` says, and the reply header and any fixed
-        reply whole in the first writable view, or the header alone there
-        and the reply at the start of the next one.  The op's function
-        returns None too when it sees a shape it leaves to the general path,
-        always before the filesystem acts.
-        """
-        args_size, reply_size, fn = spec
-        if length < _IN_HEADER_SIZE + args_size:
-            return None  # the general path answers EINVAL
-        if first > _IN_HEADER_SIZE and first >= _IN_HEADER_SIZE + args_size:
-            av, apos = rbufs[0], _IN_HEADER_SIZE
-        elif first == _IN_HEADER_SIZE and len(rbufs) > 1 and len(rbufs[1]) >= args_size:
-            av, apos = rbufs[1], 0
-        else:
-            return None
-        wbufs = chain.writable
-        if not wbufs:
-            return None
-        w0 = wbufs[0]
-        if len(w0) >= OUT_HDR + reply_size:
-            rv, rpos = w0, OUT_HDR
-        elif len(w0) == OUT_HDR and len(wbufs) > 1 and len(wbufs[1]) >= reply_size:
-            rv, rpos = wbufs[1], 0
-        else:
-            return None
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            ctx = self._context(key)
-        try:
-            n = fn(self, ctx, nodeid, av, apos, length - _IN_HEADER_SIZE, rv, rpos, chain)
-        except Exception as e:
-            return self._failed(ChainWriter(wbufs, chain.writable_len), unique, opcode, e)
-        if n is None:
-            return None
-        total = OUT_HDR + n
-        if chain.writable_len < total:
-            self.stats.dropped += 1
-            return 0
-        _OUT_HEADER.pack_into(w0, 0, total, 0, unique)
         return total
 
     def _failed(self, w: ChainWriter, unique: int, opcode: int, e: Exception) -> int:
@@ -960,7 +948,7 @@ REPLY_BYTES = {
 }
 
 
-# -- fast paths (Dispatcher._fast) ----------------------------------------------
+# -- fast paths (see FAST) ------------------------------------------------------
 # Each takes (dispatcher, ctx, nodeid, args view, args position, body length,
 # reply view, reply position, chain) and returns the reply body's length, or
 # None, before acting, for a shape it leaves to the general path.  Each must
@@ -979,7 +967,8 @@ def _fast_getattr(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos
                   body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
     flags, _, fh = _unpack_getattr_in(av, apos)
     st, timeout = d.fs.getattr(ctx, nodeid, fh if flags & _GETATTR_FH else None)
-    valid, valid_ns = _split_timeout(timeout)
+    split = _SPLIT_TIMEOUTS.get(timeout)
+    valid, valid_ns = split if split is not None else _split_timeout(timeout)
     _pack_attr_out(rv, rpos, valid, valid_ns, st)
     return _ATTR_OUT_SIZE
 
@@ -1034,7 +1023,13 @@ FastFn = Callable[[Dispatcher, Context, int, memoryview, int, int, memoryview, i
                    DescriptorChain], "int | None"]
 #: (argument bytes, fixed reply bytes, function)
 FastSpec = tuple[int, int, FastFn]
-#: The opcodes with a fast path (Dispatcher._fast).
+#: The opcodes with a fast path (in Dispatcher.handle).  Recognised: the
+#: arguments whole in the header's view (right after it) or at the start of
+#: the next view, at least as many bytes of them as the header's ``len``
+#: says, and the reply header and any fixed reply whole in the first
+#: writable view, or the header alone there and the reply at the start of
+#: the next one.  The op's function returns None too when it sees a shape it
+#: leaves to the general path, always before the filesystem acts.
 FAST: dict[int, FastSpec] = {
     int(Op.FUSE_GETATTR): (_GETATTR_IN.size, _ATTR_OUT_SIZE, _fast_getattr),
     int(Op.FUSE_LOOKUP): (0, _ENTRY_OUT_SIZE, _fast_lookup),

@@ -20,6 +20,13 @@ Walking is bounded as the spec requires (virtio 1.2 §2.7.5.3):
   after any device-readable descriptor elements");
 * the total length is capped so a length sum cannot overflow a u32 (checked
   once the walk ends: every length is a u32 and the walk is bounded).
+
+Descriptors that continue the previous one on the same side (the next byte
+of guest memory, in the same region) are merged into one view: one iovec
+for ``preadv``/``pwritev`` and one view less to slice and walk.  Linux lays
+a request's arguments and reply apart, but a guest's pages are often
+contiguous (huge pages, a fresh buffer), and other drivers lay requests out
+in one buffer cut in pieces.  Streams never depend on where views split.
 """
 
 from __future__ import annotations
@@ -79,8 +86,11 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
     ttl = num
     in_indirect = False
     views = mem.views
-    hit = mem.last_region
+    hit = mem._hit  # mem.last_region, without the property call
     hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+    # The last readable and writable segments, [start, end) in hit_view, still
+    # open to a descriptor that continues them (end -1: none).
+    rstart = rend = wstart = wend = -1
     while True:
         if ttl == 0:
             raise ChainError("descriptor chain is longer than the table (a loop)")
@@ -97,10 +107,16 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
                 raise ChainError("descriptor has both INDIRECT and NEXT")
             if length == 0 or length % _DESC_SIZE:
                 raise ChainError(f"indirect table length {length} is not a multiple of 16")
-            try:
-                table = mem.view(addr, length)
-            except GuestMemoryError as e:
-                raise ChainError(str(e)) from e
+            start = addr - hit_gpa
+            if 0 <= start and start + length <= hit_size:
+                table = hit_view[start:start + length]  # mem.view's fast path, inlined
+            else:
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from e
+                hit = mem._hit
+                hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
             num = length // _DESC_SIZE
             # Fix (unit tests): ``next`` is a le16, so only the first 65536
             # entries are reachable and a longer walk must be a loop.  A ttl of
@@ -112,35 +128,57 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
             if MIN_UNPACKED_TABLE <= num <= MAX_UNPACKED_TABLE:
                 # Unpack the whole table in one C loop and walk it in a tight
                 # one: a guest's 1 MiB request has a descriptor per page.
+                if rend >= 0:
+                    readable.append(hit_view[rstart:rend])
+                if wend >= 0:
+                    writable.append(hit_view[wstart:wend])
+                rend = wend = -1
                 rlen, wlen = _walk_unpacked(mem, list(_iter_desc(table)), readable, writable,
                                             rlen, wlen)
                 break
             continue
         if length:
             start = addr - hit_gpa
-            if 0 <= start and start + length <= hit_size:
+            end = start + length
+            if 0 <= start and end <= hit_size:
                 # Inside the region the last translation hit (GuestMemory.views's
-                # fast path, inlined: most chains never leave one region).
-                part = hit_view[start:start + length]
+                # fast path, inlined: most chains never leave one region).  A
+                # descriptor that continues the last one on its side extends it:
+                # one view (one iovec) for adjacent buffers.
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(part)
+                    if start == wend:
+                        wend = end
+                    else:
+                        if wend >= 0:
+                            writable.append(hit_view[wstart:wend])
+                        wstart, wend = start, end
                     wlen += length
-                elif writable:
+                elif wlen:
                     raise ChainError("device-readable descriptor after a writable one")
+                elif start == rend:
+                    rend = end
+                    rlen += length
                 else:
-                    readable.append(part)
+                    if rend >= 0:
+                        readable.append(hit_view[rstart:rend])
+                    rstart, rend = start, end
                     rlen += length
             else:
                 try:
                     parts = views(addr, length)
                 except GuestMemoryError as e:
                     raise ChainError(str(e)) from e
-                hit = mem.last_region
+                if rend >= 0:  # the open segments belong to the old region's view
+                    readable.append(hit_view[rstart:rend])
+                if wend >= 0:
+                    writable.append(hit_view[wstart:wend])
+                rend = wend = -1
+                hit = mem._hit
                 hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable += parts
                     wlen += length
-                elif writable:
+                elif wlen:
                     raise ChainError("device-readable descriptor after a writable one")
                 else:
                     readable += parts
@@ -148,6 +186,10 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
         if not flags & VIRTQ_DESC_F_NEXT:
             break
         idx = nxt
+    if rend >= 0:
+        readable.append(hit_view[rstart:rend])
+    if wend >= 0:
+        writable.append(hit_view[wstart:wend])
     # Each length is a u32 and the walk is bounded, so the sum is checked once.
     if rlen + wlen > MAX_CHAIN_BYTES:
         raise ChainError("chain length overflows u32")
@@ -158,10 +200,12 @@ def _walk_unpacked(mem: GuestMemory, descs: list[tuple[int, int, int, int]],
                    readable: list[memoryview], writable: list[memoryview], rlen: int,
                    wlen: int) -> tuple[int, int]:
     """The walk of :func:`walk_chain` inside an indirect table already unpacked
-    (at most MAX_UNPACKED_TABLE entries): the same rules, in a tighter loop."""
+    (at most MAX_UNPACKED_TABLE entries): the same rules, and the same merging
+    of adjacent descriptors, in a tighter loop."""
     num = len(descs)
-    hit = mem.last_region
+    hit = mem._hit
     hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
+    rstart = rend = wstart = wend = -1  # the open segments (see walk_chain)
     idx = 0
     for _ in range(num):  # the ttl: a longer walk is a loop
         if idx >= num:
@@ -171,32 +215,51 @@ def _walk_unpacked(mem: GuestMemory, descs: list[tuple[int, int, int, int]],
             raise ChainError("indirect table inside an indirect table")
         if length:
             start = addr - hit_gpa
-            if 0 <= start and start + length <= hit_size:
-                part = hit_view[start:start + length]
+            end = start + length
+            if 0 <= start and end <= hit_size:
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(part)
+                    if start == wend:
+                        wend = end
+                    else:
+                        if wend >= 0:
+                            writable.append(hit_view[wstart:wend])
+                        wstart, wend = start, end
                     wlen += length
-                elif writable:
+                elif wlen:
                     raise ChainError("device-readable descriptor after a writable one")
+                elif start == rend:
+                    rend = end
+                    rlen += length
                 else:
-                    readable.append(part)
+                    if rend >= 0:
+                        readable.append(hit_view[rstart:rend])
+                    rstart, rend = start, end
                     rlen += length
             else:
                 try:
                     parts = mem.views(addr, length)
                 except GuestMemoryError as e:
                     raise ChainError(str(e)) from e
-                hit = mem.last_region
+                if rend >= 0:
+                    readable.append(hit_view[rstart:rend])
+                if wend >= 0:
+                    writable.append(hit_view[wstart:wend])
+                rend = wend = -1
+                hit = mem._hit
                 hit_gpa, hit_size, hit_view = hit.gpa, hit.size, hit.view
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable += parts
                     wlen += length
-                elif writable:
+                elif wlen:
                     raise ChainError("device-readable descriptor after a writable one")
                 else:
                     readable += parts
                     rlen += length
         if not flags & VIRTQ_DESC_F_NEXT:
+            if rend >= 0:
+                readable.append(hit_view[rstart:rend])
+            if wend >= 0:
+                writable.append(hit_view[wstart:wend])
             return rlen, wlen
         idx = nxt
     raise ChainError("descriptor chain is longer than the table (a loop)")

@@ -70,13 +70,25 @@ class Rig:
     def publish(self, readable: bytes, writable_len: int, *, rsplits: Sequence[int] = (),
                 wsplits: Sequence[int] = (), indirect: bool = False,
                 ) -> tuple[int, list[tuple[int, int]]]:
-        """Publish one chain; return its head and the writable (gpa, len) buffers."""
-        rgpa = self.buffer(readable) if readable else 0
-        wgpa = self.buffer(writable_len) if writable_len else 0
-        rbufs = pieces(rgpa, len(readable), rsplits) if readable else []
-        wbufs = pieces(wgpa, writable_len, wsplits) if writable_len else []
+        """Publish one chain; return its head and the writable (gpa, len) buffers.
+
+        Each piece of a split is a buffer of its own with a gap before the
+        next, so the device cannot merge them (virtq.chain merges adjacent
+        descriptors) and every split is a split between views.
+        """
+        rbufs = self._apart(readable, rsplits) if readable else []
+        wbufs = self._apart(bytes(writable_len), wsplits) if writable_len else []
         head = self.drv.add(rbufs, wbufs, indirect=indirect)
         return head, wbufs
+
+    def _apart(self, data: bytes, splits: Sequence[int]) -> list[tuple[int, int]]:
+        """``data`` cut at ``splits``, each piece in its own buffer, none adjacent."""
+        out = []
+        for off, n in pieces(0, len(data), splits):
+            gpa = self.buffer(data[off:off + n])
+            self.ram.alloc(8, 8)  # a gap: the next piece does not continue this one
+            out.append((gpa, n))
+        return out
 
     def chain(self, readable: bytes, writable_len: int = 0, **kw: object,
               ) -> tuple[DescriptorChain, list[tuple[int, int]]]:

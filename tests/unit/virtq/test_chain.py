@@ -336,9 +336,9 @@ def test_take_is_zero_copy(rig: Rig) -> None:
     r = ChainReader(chain.readable, chain.readable_len)
     r.skip(2)
     views = r.take(6)
-    assert [bytes(v) for v in views] == [b"23", b"4567"]
+    assert [bytes(v) for v in views] == [b"234567"]  # the two adjacent descriptors: one view
     rig.ram.write(gpa, b"xxxxxxxxxx")  # the guest rewrites the buffer...
-    assert [bytes(v) for v in views] == [b"xx", b"xxxx"]  # ...and the views see it
+    assert [bytes(v) for v in views] == [b"xxxxxx"]  # ...and the views see it
     assert r.remaining == 2
 
 
@@ -408,3 +408,40 @@ def test_longest_chain_in_an_indirect_table(counting: tuple[CountingMemory, int]
                            for i in range(n)), table_gpa)
     head = raw_table([(table_gpa, (n + 8) * virtq_desc.size, INDIRECT, 0)])
     assert walk_chain(mem, head, 1, 0, True).readable_len == n
+
+
+# -- merging adjacent descriptors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("pieces", [3, 20])  # 20: an indirect table walked unpacked
+def test_adjacent_descriptors_merge_into_one_view(rig: Rig, indirect: bool,
+                                                  pieces: int) -> None:
+    if 2 * pieces + 1 > NUM and not indirect:
+        pytest.skip("more descriptors than the ring has")
+    data = bytes(range(pieces * 3))
+    gpa = rig.buffer(data)
+    wgpa = rig.buffer(pieces * 2)
+    far = rig.buffer(b"far")
+    rbufs = [(gpa + 3 * k, 3) for k in range(pieces)] + [(far, 3)]
+    wbufs = [(wgpa + 2 * k, 2) for k in range(pieces)]
+    rig.drv.add(rbufs, wbufs, indirect=indirect)
+    chain = rig.queue.pop(rig.mem)
+    assert isinstance(chain, DescriptorChain)
+    assert [bytes(v) for v in chain.readable] == [data, b"far"]
+    assert [len(v) for v in chain.writable] == [pieces * 2]
+    assert chain.readable_len == len(data) + 3 and chain.writable_len == pieces * 2
+
+
+def test_reply_after_request_in_the_next_bytes_is_not_merged(rig: Rig) -> None:
+    """Adjacent in memory but on the other side: two views, and a readable after a
+    writable is still refused."""
+    gpa = rig.buffer(16)
+    rig.drv.add([(gpa, 8)], [(gpa + 8, 8)])
+    chain = walk(rig)
+    assert [len(v) for v in chain.readable] == [8] and [len(v) for v in chain.writable] == [8]
+    rig.complete(chain.head, 0)
+    rig.drv.raw_desc(0, gpa + 8, 8, NEXT | WRITE, 1)
+    rig.drv.raw_desc(1, gpa, 8, 0, 0)
+    with pytest.raises(ChainError, match="after a writable"):
+        walk(rig)
