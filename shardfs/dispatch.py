@@ -992,8 +992,11 @@ def _fast_read(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: i
     if size > MAX_READ or offset > _MAX_OFFSET:
         return None
     wbufs = chain.writable
-    if len(wbufs[0]) == OUT_HDR and size == chain.writable_len - OUT_HDR:
+    w0 = wbufs[0]
+    if len(w0) == OUT_HDR and size == chain.writable_len - OUT_HDR:
         bufs = wbufs[1:]  # the data pages after a reply header of its own (Linux)
+    elif size and len(w0) >= OUT_HDR + size:
+        bufs = [w0[OUT_HDR:OUT_HDR + size]]  # header and data in one (merged) view
     else:
         bufs = ChainWriter(wbufs, chain.writable_len).views_at(OUT_HDR, size)
     n = d.fs.read(ctx, nodeid, fh, offset, bufs)
