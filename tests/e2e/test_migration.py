@@ -29,6 +29,7 @@ and no virtio-fs errors in the guest's dmesg.
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -110,7 +111,8 @@ class Rig:
         self.share = work / "share"
         self.ctl = self.share / "ctl"
         self.ctl.mkdir(parents=True)
-        sockets, _ = short_socket_dir(work)
+        sockets, self.temporary_sockets = short_socket_dir(work)
+        self.sockets = sockets
         self.daemons = {
             name: ShardfsDaemon(socket_path=sockets / f"{name}.sock", shared_dir=self.share,
                                 log_path=work / f"{name}.daemon.log", num_request_queues=queues,
@@ -201,6 +203,8 @@ class Rig:
         for d in self.daemons.values():
             d.stop()
             problems += d.problems()
+        if self.temporary_sockets:
+            shutil.rmtree(self.sockets, ignore_errors=True)
         return problems
 
 
