@@ -559,9 +559,11 @@ class Supervisor:
         extra = [self.status.fileno()] if self.status is not None else []
         coord = [self.coordinator.pidfd] if self.coordinator is not None else []
         r, _, _ = select.select(fds + [self._wake_r] + pidfds + extra + coord, [], [])
-        if any(p in r for p in pidfds):
+        # A SIGTERM to the whole process group (libvirt stopping a domain) ends the
+        # children too: once stopping, a dead child is shutdown, not a crash.
+        if any(p in r for p in pidfds) and not self.stopping:
             self._restart_dead_workers()
-        if coord and coord[0] in r:
+        if coord and coord[0] in r and not self.stopping:
             self._restart_coordinator()
         if extra and extra[0] in r:
             self._answer_status()
@@ -600,6 +602,7 @@ class Supervisor:
     def run(self, listener: socket.socket) -> int:
         set_process_name("shardfs")
         self._listener: socket.socket | None = listener
+        self._announced_wait = False
         self.status = open_status_socket(self.cfg)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -634,7 +637,6 @@ class Supervisor:
             log.error("a child process failed to start (%s); see its log above", e)
             self._shutdown()
             return 1
-        self._announced_wait = False
         log.info("serving %s on %s with %d request queue(s), pids: coordinator %d, workers %s",
                  self.cfg.shared_dir, self.cfg.socket_path or f"fd {self.cfg.fd}",
                  self.cfg.num_request_queues, self.coordinator.proc.pid,
@@ -765,6 +767,18 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def _remove_stale_stats_sockets(directory: str) -> None:
+    """Remove ``stats-PID.sock`` left by daemons that were killed (their pid is gone)."""
+    for name in os.listdir(directory):
+        pid = name.removeprefix("stats-").removesuffix(".sock")
+        if name.startswith("stats-") and name.endswith(".sock") and pid.isdigit():
+            if not os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+
+
 def open_status_socket(cfg: Config) -> socket.socket | None:
     """The status socket ``shardfs stats`` reads; None when there is no path for it."""
     path = cfg.status_socket()
@@ -777,6 +791,7 @@ def open_status_socket(cfg: Config) -> socket.socket | None:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             log.warning("no status socket: %s is not a directory of this user", parent)
             return None
+        _remove_stale_stats_sockets(parent)
     try:
         os.unlink(path)
     except FileNotFoundError:

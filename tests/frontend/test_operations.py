@@ -182,3 +182,23 @@ def test_syslog_without_a_syslog_daemon_serves_on_stderr(tmp_path: Path) -> None
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sigterm_to_the_process_group_is_a_shutdown_not_a_crash(tmp_path: Path) -> None:
+    """libvirt stops a domain's backend with SIGTERM, which may reach every shardfs
+    process at once: the supervisor must not take its children's exits for crashes."""
+    import signal
+
+    path = str(tmp_path / "s.sock")
+    proc = _start(["--socket-path", path, "--sandbox", "none"], tmp_path,
+                  start_new_session=True)
+    try:
+        _wait_for(tmp_path / "log", proc, "Waiting for vhost-user socket connection")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(DEADLINE_S) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log = (tmp_path / "log").read_text()
+    assert "restarting" not in log and "Traceback" not in log, log
