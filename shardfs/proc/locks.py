@@ -221,9 +221,16 @@ class LockOwner:
         h = self.holders[key] = Holder(fd)
         return h
 
-    def _tidy(self, key: Key) -> None:
+    def _tidy(self, key: Key, closing: bool = False) -> None:
+        """Close the key's description if it holds nothing and nothing waits on it.
+
+        An owner that only unlocked keeps it (sqlite locks and unlocks a
+        file many times between two closes: one round trip each, no reopen)
+        until its close in the guest (FLUSH, RELEASE: ``closing``), or while
+        descriptions are scarce (over half of :data:`MAX_LOCK_FILES`).
+        """
         h = self.holders.get(key)
-        if h is not None and h.idle():
+        if h is not None and h.idle() and (closing or len(self.holders) > self.max_files // 2):
             del self.holders[key]
             os.close(h.fd)
 
@@ -318,7 +325,7 @@ class LockOwner:
                         FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
             h.ranges = OwnerRanges()
             self._retry_now = True
-        self._tidy(key)
+        self._tidy(key, closing=True)
 
     def release(self, nodeid: int, owner: int, flock_unlock: bool) -> None:
         """RELEASE: with FUSE_RELEASE_FLOCK_UNLOCK the owner's flock goes."""
@@ -332,7 +339,7 @@ class LockOwner:
             fcntl.flock(h.fd, fcntl.LOCK_UN)
             h.flock_typ = fcntl.F_UNLCK
             self._retry_now = True
-        self._tidy(key)
+        self._tidy(key, closing=True)
 
     def destroy(self) -> list[Wait]:
         """DESTROY, INIT again, disconnect: every lock and wait goes; returns the waits."""

@@ -321,6 +321,9 @@ class Worker:
             os.eventfd_write(ring.call_fd, 1)
             values[NOTIFICATIONS] += 1
         counters.flush()
+        if self.locks is not None and self.locks.parked:
+            # Lock grants must not wait for a busy queue's polling to end.
+            self.locks.complete(self.rings, self.mem, self.dirty)
 
     # -- control path ---------------------------------------------------------
 

@@ -113,7 +113,8 @@ def test_flock_holders_and_release(owner: LockOwner, tmp_path: Path) -> None:
     owner.release(9, 1, flock_unlock=True)
     fcntl.flock(host, fcntl.LOCK_SH | fcntl.LOCK_NB)
     os.close(host)
-    assert not owner.holders
+    assert (9, 1, True) not in owner.holders  # released and closed
+    assert (9, 2, True) in owner.holders  # kept open until its owner's close
 
 
 def test_malformed_link_messages_never_raise(owner: LockOwner) -> None:
