@@ -451,6 +451,11 @@ class Worker:
         ring = self.rings.get(index)
         if ring is None:
             raise control.ControlError(f"ring {index} is not started here")
+        if self.locks is not None:
+            # Parked lock waits are requests in flight: answer them (EINTR) while
+            # the ring still runs, so that GET_VRING_BASE leaves none taken but
+            # unanswered (a migration would strand them; DESIGN §1 "Ring life").
+            self.locks.abandon(index, ring.queue, self.mem, self.dirty)
         if self.dirty is not None:
             # Before QEMU's last harvest: avail_event/flags writes made after a batch.
             self.dirty.mark_used(index)

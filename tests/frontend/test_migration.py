@@ -543,3 +543,33 @@ def test_get_vring_base_with_requests_in_flight_loses_none(tmp_path: Path) -> No
         assert error == 0 and length == total > 16
     fe.close()
     _check_clean(daemon)
+
+
+def test_get_vring_base_answers_a_parked_lock_wait(tmp_path: Path) -> None:
+    """A SETLKW parked in the lock process is a request in flight: GET_VRING_BASE
+    answers it (EINTR, as the guest's own interrupt would) before it replies,
+    so no chain is left taken but unanswered across a migration."""
+    from shardfs.abi import fuse as F
+    from shardfs.abi.fuse import FuseOpcode as Op
+    from tests.frontend.test_locks import WR, Async, lk_in, lock_daemon, make_file, setlk
+
+    d = lock_daemon(tmp_path, queues=2)
+    try:
+        fe = d.frontend().start()
+        q1, q2 = FuseClient(fe, queue=1), FuseClient(fe, queue=2)
+        q1.init()
+        nid, fh, hostfd = make_file(q1, d.shared, b"wait")
+        os.close(hostfd)
+        assert setlk(q2, nid, fh, 1, 0, 9, WR) == 0
+        a = Async(fe, 1)
+        head, _waiting = a.submit(Op.FUSE_SETLKW, nid, lk_in(fh, 2, 5, 5, WR))
+        a.submit(Op.FUSE_GETATTR, nid, F.fuse_getattr_in.pack(0, 0, 0))
+        a.wait()  # the GETATTR after it came back: the wait is parked
+        q = fe.queues[1]
+        base = fe.get_vring_base(1)
+        assert q.used_idx() == base, "the parked lock wait was left unanswered"
+        out, _unique = a.out[head]
+        assert F.fuse_out_header.unpack(fe.ram.read(out, 16))[1] == -errno.EINTR
+        fe.close()
+    finally:
+        _check_clean(d)
