@@ -404,3 +404,33 @@ def test_lock_unlock_round_trips(locked: tuple, capsys: pytest.CaptureFixture[st
     dt = time.perf_counter() - t0
     with capsys.disabled():
         print(f"\nlock+unlock pairs: {n / dt:.0f}/s ({2 * n / dt:.0f} round trips/s)")
+
+
+def test_lock_process_death_fails_locks_loudly_and_nothing_else(tmp_path: Path) -> None:
+    """Its death drops every host lock: waits and later requests answer ENOLCK (the
+    guest learns it holds nothing), and every other operation is served on."""
+    d = lock_daemon(tmp_path)
+    try:
+        fe = d.frontend().start()
+        c = FuseClient(fe)
+        c.init()
+        nid, fh, hostfd = make_file(c, d.shared, b"orphan")
+        assert setlk(c, nid, fh, 1, 0, 0, WR) == 0
+        a = Async(fe, 1)
+        _, waiting = a.submit(Op.FUSE_SETLKW, nid, lk_in(fh, 2, 0, 0, WR))
+        a.submit(Op.FUSE_GETATTR, nid, F.fuse_getattr_in.pack(0, 0, 0))
+        (u, e, _), = a.wait()
+        assert u != waiting and e == 0  # the wait is parked
+        locker = next(p for p in d.children()
+                      if open(f"/proc/{p}/comm").read().strip() == "shardfs-locks")
+        os.kill(locker, signal.SIGKILL)
+        (unique, error, _), = a.wait()
+        assert (unique, error) == (waiting, -errno.ENOLCK)
+        assert host_lock(hostfd, WR, 0, 0)  # the host lock went with the process
+        assert setlk(c, nid, fh, 1, 0, 0, WR) == errno.ENOLCK
+        assert c.getattr(nid) and c.write(nid, fh, 0, b"still served") == 12
+        os.close(hostfd)
+        fe.close()
+    finally:
+        d.stop()
+    assert "lock process went away" in d.log_path.read_text()
