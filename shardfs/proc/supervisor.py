@@ -574,6 +574,8 @@ class Supervisor:
         procs = [process_info("supervisor", os.getpid())]
         if self.coordinator is not None:
             procs.append(process_info("coordinator", self.coordinator.proc.pid))
+        if self.lock_proc is not None:
+            procs.append(process_info("locks", self.lock_proc.proc.pid))
         procs += [process_info(f"worker-{i}", w.proc.pid) for i, w in enumerate(self.workers)]
         return {"shared_dir": self.cfg.shared_dir, "connected": self.device is not None,
                 "num_request_queues": self.cfg.num_request_queues,

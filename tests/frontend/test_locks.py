@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -434,3 +437,26 @@ def test_lock_process_death_fails_locks_loudly_and_nothing_else(tmp_path: Path) 
     finally:
         d.stop()
     assert "lock process went away" in d.log_path.read_text()
+
+
+def test_destroy_and_init_again_drop_every_lock(locked: tuple) -> None:
+    d, fe, q1, q2 = locked
+    nid, fh, hostfd = make_file(q1, d.shared, b"destroy")
+    try:
+        assert setlk(q1, nid, fh, 1, 0, 9, WR) == 0
+        assert setlk(q1, nid, fh, 2, 0, 0, RD, flags=F.FUSE_LK_FLOCK) == 0
+        q1.init()  # INIT again, as after a guest reboot: the old session's locks go
+        assert host_lock(hostfd, WR, 0, 10) and host_lock(hostfd, UN, 0, 0)
+        fcntl.flock(hostfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(hostfd, fcntl.LOCK_UN)
+        entry, fh = q1.create(1, b"destroy2")
+        assert setlk(q1, entry[0], fh, 1, 0, 9, WR) == 0
+        q1.ok(Op.FUSE_DESTROY, 0, b"")
+        fd2 = os.open(d.shared / "destroy2", os.O_RDWR)
+        assert host_lock(fd2, WR, 0, 10)
+        os.close(fd2)
+    finally:
+        os.close(hostfd)
+    stats = subprocess.run([sys.executable, "-m", "shardfs", "stats", "--socket-path", d.socket,
+                            "--format", "json"], capture_output=True, text=True, check=True)
+    assert "locks" in {p["name"] for p in json.loads(stats.stdout)["processes"]}
