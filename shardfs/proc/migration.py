@@ -166,6 +166,16 @@ class Migration:
     # -- save -----------------------------------------------------------------------
 
     def save(self, fd: int) -> None:
+        """Encode the state and start writing it into ``fd`` (which this owns in
+        every outcome: handed to the writer thread, or closed on failure)."""
+        try:
+            data = self._encode_state()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.transfer = Transfer(vu.VHOST_TRANSFER_STATE_DIRECTION_SAVE, fd, data)
+
+    def _encode_state(self) -> bytes:
         t0 = time.perf_counter()
         known = self.end_premigration()
         share = Share.open(self.cfg.shared_dir)
@@ -179,7 +189,6 @@ class Migration:
             log.warning("migration: node %#x cannot be located by %s (%s)", n.nodeid,
                         self.cfg.migration_mode, errno.errorcode.get(n.error, n.error))
         if lost and self.cfg.migration_on_error == "abort":
-            os.close(fd)
             raise ProtocolError(f"{len(lost)} node(s) cannot be located by "
                                 f"{self.cfg.migration_mode} (an open but unlinked file?); "
                                 "--migration-on-error abort: the migration fails and this "
@@ -190,7 +199,7 @@ class Migration:
                      "seconds": time.perf_counter() - t0}
         log.info("migration: saving %d nodes and %d handles (%d bytes, %.1f ms)",
                  len(state.nodes), len(state.handles), len(data), 1000 * self.last["seconds"])
-        self.transfer = Transfer(vu.VHOST_TRANSFER_STATE_DIRECTION_SAVE, fd, data)
+        return data
 
     # -- load -----------------------------------------------------------------------
 
@@ -318,7 +327,9 @@ class MigrationDevice(Device):
         if direction == vu.VHOST_TRANSFER_STATE_DIRECTION_SAVE:
             try:
                 m.save(fd)
-            except (OSError, ValueError, MigrationError) as e:
+            except OSError as e:
+                raise ProtocolError(f"cannot save the device state: {e.strerror or e}") from None
+            except (ValueError, MigrationError) as e:
                 raise ProtocolError(f"cannot save the device state: {e}") from None
         else:
             m.transfer = Transfer(direction, fd)
