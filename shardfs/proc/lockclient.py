@@ -248,19 +248,24 @@ class LockClient:
         return len(touched)
 
     def abandon(self, index: int, q: SplitQueue, mem: GuestMemory,
-                dirty: DirtyLike | None = None) -> None:
-        """Ring ``index`` stops: answer its parked chains EINTR and withdraw their waits."""
+                dirty: DirtyLike | None = None, call_fd: int | None = None) -> None:
+        """Ring ``index`` stops: answer its parked chains EINTR (signalling ``call_fd``
+        if given) and withdraw their waits."""
         gone = [u for u, (ring, _) in self.parked.items() if ring == index]
         if not gone:
             return
+        pushed = False
         for unique in gone:
             _, head = self.parked.pop(unique)
             if q.ready:
                 try:
                     answer(q, mem, head, unique, errno.EINTR, dirty)
+                    pushed = True
                 except QueueError:
                     pass
         self._cast(["withdraw", gone])
+        if pushed and call_fd is not None:
+            os.eventfd_write(call_fd, 1)
 
     def orphans(self, index: int) -> list[int]:
         """Heads of ring ``index``'s chains parked in a worker that died before us."""

@@ -568,7 +568,7 @@ class Worker:
         except (OSError, ValueError):
             pass
         if self.locks is not None:
-            self.locks.abandon(index, ring.queue, self.mem, self.dirty)
+            self.locks.abandon(index, ring.queue, self.mem, self.dirty, ring.call_fd)
         _close(ring.kick_fd)
         _close(ring.call_fd)
         ring.queue.stop()
