@@ -214,8 +214,11 @@ class LockClient:
             except BlockingIOError:
                 break
             except (OSError, control.ControlError) as e:
-                # The lock process died: every parked wait ends with ENOLCK.
-                log.error("the lock process went away (%s): parked lock waits fail", e)
+                # The lock process died (or is shutting down with the daemon):
+                # every parked wait ends with ENOLCK.
+                (log.error if self.parked else log.info)(
+                    "the lock process went away (%s): %d parked lock wait(s) fail",
+                    e, len(self.parked))
                 self.broken = True
                 msg, fds = ["gone"], []
             for fd in fds:
