@@ -211,8 +211,7 @@ class Migration:
         self._check_init(state.init_flags)
         share = Share.open(self.cfg.shared_dir)
         try:
-            plan = plan_import(state, share, self.cfg.migration_on_error,
-                               self.cfg.migration_verify_handles)
+            plan = plan_import(state, share, self.cfg.migration_on_error)
         finally:
             share.close()
         for why in plan.lost:

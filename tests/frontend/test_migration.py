@@ -573,3 +573,22 @@ def test_get_vring_base_answers_a_parked_lock_wait(tmp_path: Path) -> None:
         fe.close()
     finally:
         _check_clean(d)
+
+
+@pytest.mark.parametrize("pair", [(("--migration-verify-handles",), ())], indirect=True)
+def test_verify_handles_catches_a_file_replaced_on_the_host(pair: tuple[Daemon, Daemon]) -> None:
+    """By path, a file replaced on the host under the same name would be opened
+    silently; with --migration-verify-handles the destination refuses it."""
+    a, b = pair
+    fa, fb, ids, data = _migrate(a, b)
+    assert all(n.handle for n in devstate.decode(data).nodes)
+    held = a.shared / "dir" / "held"
+    held.rename(a.shared / "dir" / "old")
+    held.write_bytes(b"an impostor")
+    assert M.load_state(fb, data)[1] == 1
+    assert "file handle differs" in b.log_text()
+    held.unlink()
+    (a.shared / "dir" / "old").rename(held)
+    assert M.load_state(fb, data)[1] == 0
+    fa.close()
+    fb.close()

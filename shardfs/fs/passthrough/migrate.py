@@ -27,8 +27,8 @@ How a node is found again (virtiofsd's ``--migration-mode``):
     (``/proc/self/fd``) lies inside the share.
 
 On the destination every node is checked (it exists, its file type is the
-one the source had, ``--migration-verify-handles``: its file handle is the
-source's) and every handle is reopened once with its flags, before anything
+one the source had, and, when the source ran with ``--migration-verify-handles``
+and so sent file handles too, its file handle is the source's) and every handle is reopened once with its flags, before anything
 is applied.  What fails goes by ``--migration-on-error``: ``abort`` refuses
 the whole state (the arena is untouched, CHECK_DEVICE_STATE fails and the
 source keeps serving); ``guest-error`` applies the rest and leaves the lost
@@ -278,20 +278,19 @@ class Plan:
     lost: list[str] = field(default_factory=list)
 
 
-def plan_import(state: DeviceState, share: Share, on_error: str,
-                verify_handles: bool) -> Plan:
+def plan_import(state: DeviceState, share: Share, on_error: str) -> Plan:
     """Find every node and reopen every handle; MigrationError under ``abort``."""
     plan = Plan()
     dirs = _DirCache(share.root_fd)
     try:
-        _plan_nodes(state, share, on_error, verify_handles, plan, dirs)
+        _plan_nodes(state, share, on_error, plan, dirs)
     finally:
         dirs.close()
     return plan
 
 
-def _plan_nodes(state: DeviceState, share: Share, on_error: str, verify_handles: bool,
-                plan: Plan, dirs: _DirCache) -> None:
+def _plan_nodes(state: DeviceState, share: Share, on_error: str, plan: Plan,
+                dirs: _DirCache) -> None:
     found: dict[int, tuple[int, int, int, int, int, bytes] | None] = {}
     keys: dict[tuple[int, int], int] = {}
     for n in state.nodes:
@@ -299,7 +298,7 @@ def _plan_nodes(state: DeviceState, share: Share, on_error: str, verify_handles:
             if n.error:
                 raise MigrationError(f"the source could not locate it "
                                      f"({errno.errorcode.get(n.error, n.error)})")
-            rec = _locate(n, share, state.mode, verify_handles, dirs)
+            rec = _locate(n, share, state.mode, dirs)
             key = (rec[0], rec[1])
             if key in keys or key == (share.root_dev, share.root_ino):
                 raise MigrationError(f"it is the same inode as node {keys.get(key, 1):#x}")
@@ -371,7 +370,7 @@ class _DirCache:
         self.fds.clear()
 
 
-def _locate(n: NodeState, share: Share, mode: int, verify_handles: bool,
+def _locate(n: NodeState, share: Share, mode: int,
             dirs: _DirCache) -> tuple[int, int, int, int, int, bytes]:
     """(dev, ino, kind, owner, handle type, handle) of the inode ``n`` names, found
     as the mode says and checked; raises MigrationError, OSError or FsError."""
@@ -395,7 +394,9 @@ def _locate(n: NodeState, share: Share, mode: int, verify_handles: bool,
     dir_fd = dirs.get(parent)
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     htype, handle = dirs.handle_of(dir_fd, name)
-    return _checked(st, n, htype, handle, n.handle if verify_handles and n.handle else None)
+    # The source sends handles by path only with --migration-verify-handles
+    # (a source option, as virtiofsd's): any handle in the stream is compared.
+    return _checked(st, n, htype, handle, n.handle or None)
 
 
 def _record(fd: int, n: NodeState, expect_handle: bytes | None
