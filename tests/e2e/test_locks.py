@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.timeout(1500)]
 
 HERE = Path(__file__).resolve().parent
 #: Transactions per guest in the sqlite check (2 guests; a few minutes under TCG).
-SQLITE_TXNS = 200
+SQLITE_TXNS = 300
 #: The host side's bound on any one wait for a guest.
 HOST_WAIT_S = 900.0
 
