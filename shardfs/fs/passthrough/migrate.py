@@ -27,14 +27,15 @@ How a node is found again (virtiofsd's ``--migration-mode``):
     (``/proc/self/fd``) lies inside the share.
 
 On the destination every node is checked (it exists, its file type is the
-one the source had, and, when the source ran with ``--migration-verify-handles``
-and so sent file handles too, its file handle is the source's) and every handle is reopened once with its flags, before anything
-is applied.  What fails goes by ``--migration-on-error``: ``abort`` refuses
-the whole state (the arena is untouched, CHECK_DEVICE_STATE fails and the
-source keeps serving); ``guest-error`` applies the rest and leaves the lost
-nodes in place so that the guest's requests on them, and on handles opened
-on them, answer ESTALE; FORGET still frees a lost node, while a lost handle
-answers RELEASE with ESTALE too and its slot goes with the session.
+one the source had, and, when the source ran with
+``--migration-verify-handles`` and so sent file handles too, its file handle
+is the source's) and every handle is reopened once with its flags, before
+anything is applied.  What fails goes by ``--migration-on-error``: ``abort``
+refuses the whole state (the arena is untouched, CHECK_DEVICE_STATE fails
+and the source keeps serving); ``guest-error`` applies the rest and leaves
+the lost nodes in place so that the guest's requests on them, and on handles
+opened on them, answer ESTALE; FORGET still frees a lost node, while a lost
+handle answers RELEASE with ESTALE too and its slot goes with the session.
 """
 
 from __future__ import annotations
