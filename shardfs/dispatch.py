@@ -518,7 +518,9 @@ class Dispatcher:
         if minor < F.FUSE_MIN_MINOR_VERSION:
             log.error("guest FUSE 7.%d is older than 7.%d", minor, F.FUSE_MIN_MINOR_VERSION)
             raise FsError(errno.EPROTO)
-        if self.initialized:
+        # The session is shared by every queue: a reboot's INIT may reach a worker
+        # that never saw the first one, so ask the filesystem too.
+        if self.initialized or self.fs.session_flags():
             log.info("INIT again without DESTROY (guest reboot): dropping all nodes")
             self.fs.destroy()
             if self.dax is not None:

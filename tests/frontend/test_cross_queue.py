@@ -140,6 +140,17 @@ def test_reinit_on_one_queue_resets_all(two: tuple) -> None:
     assert _getattr(q2, nodeid) == -errno.ENOENT
 
 
+def test_reinit_on_another_queue_than_the_first_resets_all(two: tuple) -> None:
+    """The guest picks a queue by CPU: a reboot's INIT may reach a worker that never
+    saw the first one, and must still drop the old session everywhere."""
+    d, fe, q1, q2 = two
+    (d.shared / "f").touch()
+    nodeid = q1.lookup(1, b"f")[0]
+    q2.init()  # the first INIT went to q1 (the fixture)
+    assert "INIT again without DESTROY" in d.log_text()
+    assert _getattr(q1, nodeid) == -errno.ENOENT
+
+
 @pytest.fixture
 def submounted(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs mounted at shared/sub, with a file and a subdirectory in it."""
