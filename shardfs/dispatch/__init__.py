@@ -1,6 +1,6 @@
 """FUSE dispatch: one request chain in, one reply out.
 
-This is the only module that touches FUSE wire structs above the ABI layer.
+This is the only package that touches FUSE wire structs above the ABI layer.
 A request flows one way, as in virtiofsd's ``Server::handle_message``:
 decode ``fuse_in_header``, look the opcode up in :data:`Dispatcher.TABLE`,
 decode the op's ``*_in`` struct from the chain stream, call the
@@ -16,233 +16,67 @@ Error contract (STYLE "Errors"):
   is dropped (used length 0) and counted.
 * Any other exception is a bug: logged with its traceback, answered EIO,
   counted in ``bugs``.  Nothing a guest sends ends the worker.
+
+The package: this module holds :class:`Dispatcher` and its opcode table;
+:mod:`~shardfs.dispatch.fast` the fast paths of the commonest requests,
+:mod:`~shardfs.dispatch.replies` reply encoding, limits and counters,
+:mod:`~shardfs.dispatch.extensions` the request extensions (security
+contexts, supplementary groups), :mod:`~shardfs.dispatch.services` the DAX
+window and lock service the dispatcher calls.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
-from shardfs.fs.api import Context, Entry, FileSystem, FsError, SecContext, SetattrIn
+from shardfs.dispatch.extensions import _extension_area, _ns, _secctx, _supp_groups
+from shardfs.dispatch.fast import FAST, FastSpec
+from shardfs.dispatch.replies import (
+    _BATCH_FORGET,
+    _EMPTY_ENTRY,
+    _FORGET,
+    _GETATTR_FH,
+    _GETATTR_IN,
+    _IN_HEADER,
+    _IN_HEADER_SIZE,
+    _INTERRUPT,
+    _OUT_HEADER,
+    _U32,
+    _U64,
+    EXTENSIONS_MINOR,
+    MAX_BATCH_FORGET,
+    MAX_CACHED_CONTEXTS,
+    MAX_NAME_BYTES,
+    MAX_PAGES,
+    MAX_READ,
+    MAX_WRITE,
+    MAX_XATTR_SIZE,
+    OUT_HDR,
+    PENDING,
+    Malformed,
+    Stats,
+    _pack_out,
+    _reply_attr,
+    _reply_entry,
+    _split_timeout,
+    _unpack_in,
+    attr_fields,
+    decode_dev,
+    encode_dev,
+    pack_attr,
+    pack_entry,
+)
+from shardfs.dispatch.services import DaxMapper, Handler, LockService
+from shardfs.fs.api import Context, FileSystem, FsError, SecContext, SetattrIn
 from shardfs.fs.locks import Pending
 from shardfs.virtq.chain import ChainReader, ChainWriter, DescriptorChain, ShortRead
 
 log = logging.getLogger("shardfs.dispatch")
-
-OUT_HDR = F.fuse_out_header.size
-_pack_out = F.fuse_out_header.pack
-_OUT_HEADER = F.fuse_out_header
-_IN_HEADER = F.fuse_in_header
-_IN_HEADER_SIZE = F.fuse_in_header.size
-_unpack_in = F.fuse_in_header.unpack_from
-_ENTRY_OUT, _ATTR_OUT, _GETATTR_IN = F.fuse_entry_out, F.fuse_attr_out, F.fuse_getattr_in
-_GETATTR_FH = F.FUSE_GETATTR_FH
-#: Opcodes that have no handler in TABLE, as plain ints (an IntEnum compares slowly).
-_FORGET, _BATCH_FORGET, _INTERRUPT = (int(Op.FUSE_FORGET), int(Op.FUSE_BATCH_FORGET),
-                                      int(Op.FUSE_INTERRUPT))
-#: The used length :meth:`Dispatcher.handle` returns for a chain answered later
-#: (a SETLKW that waits): the caller parks the chain (shardfs.proc.lockclient).
-PENDING = -1
-#: Callers whose Context a dispatcher keeps (see Dispatcher._context).
-MAX_CACHED_CONTEXTS = 256
-_U64 = 0xFFFFFFFFFFFFFFFF
-_U32 = 0xFFFFFFFF
-NSEC = 1_000_000_000
-
-#: Largest WRITE we accept, and what INIT advertises as max_write.
-MAX_WRITE = 1 << 20
-#: Pages per request advertised in INIT (FUSE_MAX_PAGES): 1 MiB of 4 KiB pages.
-MAX_PAGES = MAX_WRITE // 4096
-#: Upper bound for READDIR/READ reply buffers and xattr sizes we honour.
-MAX_READ = MAX_WRITE
-MAX_XATTR_SIZE = 1 << 16
-#: A name or symlink target is at most PATH_MAX bytes plus its NUL.
-MAX_NAME_BYTES = 4096 + 1
-#: BATCH_FORGET entries per request that we accept.
-MAX_BATCH_FORGET = 1 << 16
-#: The first minor whose requests carry extensions (fuse_in_header.total_extlen).
-EXTENSIONS_MINOR = 38
-#: Supplementary groups one creating request may carry (Linux sends one).
-MAX_EXT_GROUPS = 32
-
-
-class Malformed(Exception):
-    """The guest's request does not follow the FUSE ABI."""
-
-
-@dataclass
-class Stats:
-    """Counters a worker exports; plain ints, updated on the hot path."""
-
-    requests: int = 0
-    errors: int = 0
-    malformed: int = 0
-    dropped: int = 0
-    bugs: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-
-
-def encode_dev(rdev: int) -> int:
-    """Linux new_encode_dev: the u32 device number FUSE carries."""
-    major, minor = os.major(rdev), os.minor(rdev)
-    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & _U32
-
-
-def decode_dev(dev: int) -> int:
-    """Linux new_decode_dev, the inverse of :func:`encode_dev`."""
-    major = (dev & 0xFFF00) >> 8
-    minor = (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
-    return os.makedev(major, minor)
-
-
-def attr_fields(st: os.stat_result) -> tuple[int, ...]:
-    """``os.stat_result`` to the field order of ``struct fuse_attr``."""
-    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
-    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
-    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
-    nlink, rdev = st.st_nlink, st.st_rdev
-    return (st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
-            c_s & _U64, a_ns, m_ns, c_ns, st.st_mode, nlink if nlink < _U32 else _U32,
-            st.st_uid, st.st_gid, encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
-
-
-#: Timeouts come from a cache policy, so few distinct values are ever split.
-_SPLIT_TIMEOUTS: dict[float, tuple[int, int]] = {}
-
-
-def _split_timeout(t: float) -> tuple[int, int]:
-    got = _SPLIT_TIMEOUTS.get(t)
-    if got is None:
-        secs = int(t)
-        got = (secs, int((t - secs) * NSEC))
-        if len(_SPLIT_TIMEOUTS) < 64:
-            _SPLIT_TIMEOUTS[t] = got
-    return got
-
-
-def pack_entry(e: Entry) -> bytes:
-    ev, ens = _split_timeout(e.entry_timeout_s)
-    av, ans = _split_timeout(e.attr_timeout_s)
-    return F.fuse_entry_out.pack(e.nodeid, e.generation, ev, av, ens, ans,
-                                 *attr_fields(e.attr)[:-1], e.attr_flags)
-
-
-def pack_attr(st: os.stat_result, timeout_s: float) -> bytes:
-    av, ans = _split_timeout(timeout_s)
-    return F.fuse_attr_out.pack(av, ans, 0, *attr_fields(st))
-
-
-# The two packers below spell attr_fields() out in the call: building a tuple
-# and spreading it with * costs more than the stat itself.
-def _pack_attr_out(view: memoryview, pos: int, valid: int, valid_ns: int,
-                   st: os.stat_result) -> None:
-    """``fuse_attr_out.pack_into(view, pos, valid, valid_ns, 0, *attr_fields(st))``."""
-    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
-    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
-    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
-    nlink, rdev = st.st_nlink, st.st_rdev
-    _ATTR_OUT.pack_into(view, pos, valid, valid_ns, 0, st.st_ino & _U64, st.st_size & _U64,
-                        st.st_blocks & _U64, a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns,
-                        c_ns, st.st_mode, nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
-                        encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
-
-
-def _pack_entry_out(view: memoryview, pos: int, e: Entry) -> None:
-    """``fuse_entry_out.pack_into(view, pos, ...)`` of :func:`pack_entry`."""
-    ev, ens = _split_timeout(e.entry_timeout_s)
-    av, ans = _split_timeout(e.attr_timeout_s)
-    st = e.attr
-    a_s, a_ns = divmod(st.st_atime_ns, NSEC)
-    m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
-    c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
-    nlink, rdev = st.st_nlink, st.st_rdev
-    _ENTRY_OUT.pack_into(view, pos, e.nodeid, e.generation, ev, av, ens, ans, st.st_ino & _U64,
-                         st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
-                         c_s & _U64, a_ns, m_ns, c_ns, st.st_mode,
-                         nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
-                         encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, e.attr_flags)
-
-
-def _reply_entry(w: ChainWriter, e: Entry) -> int:
-    """:func:`pack_entry` packed straight into the reply (no bytes in between)."""
-    spot = w.span(OUT_HDR, _ENTRY_OUT.size)
-    if spot is None:
-        return Dispatcher._reply(w, pack_entry(e))
-    _pack_entry_out(spot[0], spot[1], e)
-    return _ENTRY_OUT.size
-
-
-def _reply_attr(w: ChainWriter, st: os.stat_result, timeout_s: float) -> int:
-    """:func:`pack_attr` packed straight into the reply."""
-    spot = w.span(OUT_HDR, _ATTR_OUT.size)
-    if spot is None:
-        return Dispatcher._reply(w, pack_attr(st, timeout_s))
-    av, ans = _split_timeout(timeout_s)
-    _pack_attr_out(spot[0], spot[1], av, ans, st)
-    return _ATTR_OUT.size
-
-
-_EMPTY_ENTRY = bytes(F.fuse_entry_out.size)
-
-Handler = Callable[["Dispatcher", Context, int, ChainReader, ChainWriter], int]
-
-
-class DaxMapper(Protocol):
-    """The DAX window as the dispatcher sees it (``shardfs.proc.dax.DaxClient``).
-
-    ``setup`` and ``remove`` raise FsError with the errno for the guest;
-    ``released`` and ``forgotten`` are notices that never raise; ``destroy``
-    returns once the window is empty.
-    """
-
-    @property
-    def map_alignment_log2(self) -> int: ...
-
-    def setup(self, nodeid: int, fh: int, foffset: int, length: int, flags: int,
-              moffset: int) -> None: ...
-
-    def remove(self, ranges: list[tuple[int, int]]) -> None: ...
-
-    def released(self, nodeid: int, fh: int) -> None: ...
-
-    def forgotten(self, nodeids: list[int]) -> None: ...
-
-    def destroy(self) -> None: ...
-
-
-class LockService(Protocol):
-    """Host-visible file locks as the dispatcher sees them (``shardfs.proc.lockclient``).
-
-    ``open_fd(reopen)`` checks the guest's fh against the node (EBADF) and,
-    with ``reopen``, returns a new open file description of the file for
-    the service to keep.  Errors are FsError; ``setlk`` raises Pending when
-    a SETLKW (``wait_unique`` set) must wait.
-    """
-
-    init_flags: int
-
-    def getlk(self, open_fd: Callable[[bool], int | None], nodeid: int, owner: int,
-              start: int, end: int, typ: int) -> tuple[int, int, int, int]: ...
-
-    def setlk(self, open_fd: Callable[[bool], int | None], nodeid: int, owner: int,
-              is_flock: bool, start: int, end: int, typ: int, pid: int,
-              wait_unique: int) -> None: ...
-
-    def flush(self, nodeid: int, owner: int) -> None: ...
-
-    def release(self, nodeid: int, owner: int, flock_unlock: bool) -> None: ...
-
-    def interrupt(self, unique: int) -> None: ...
-
-    def destroy(self) -> None: ...
-
 
 class Dispatcher:
     """Decodes requests for one FileSystem; one instance per worker process."""
@@ -950,147 +784,6 @@ REPLY_BYTES = {
 }
 
 
-# -- fast paths (see FAST) ------------------------------------------------------
-# Each takes (dispatcher, ctx, nodeid, args view, args position, body length,
-# reply view, reply position, chain) and returns the reply body's length, or
-# None, before acting, for a shape it leaves to the general path.  Each must
-# answer exactly as its op_* does (tests/unit/test_fastpath.py checks it).
-
-_READ_IN, _WRITE_IN, _WRITE_OUT = F.fuse_read_in, F.fuse_write_in, F.fuse_write_out
-_unpack_getattr_in = _GETATTR_IN.unpack_from
-_unpack_read_in = _READ_IN.unpack_from
-_pack_write_out = _WRITE_OUT.pack_into
-_ATTR_OUT_SIZE, _ENTRY_OUT_SIZE, _WRITE_OUT_SIZE = (_ATTR_OUT.size, _ENTRY_OUT.size,
-                                                    _WRITE_OUT.size)
-_MAX_OFFSET = _U64 >> 1
-
-
-def _fast_getattr(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
-                  body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
-    flags, _, fh = _unpack_getattr_in(av, apos)
-    st, timeout = d.fs.getattr(ctx, nodeid, fh if flags & _GETATTR_FH else None)
-    split = _SPLIT_TIMEOUTS.get(timeout)
-    valid, valid_ns = split if split is not None else _split_timeout(timeout)
-    _pack_attr_out(rv, rpos, valid, valid_ns, st)
-    return _ATTR_OUT_SIZE
-
-
-def _fast_lookup(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
-                 body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
-    end = apos + (body if body < MAX_NAME_BYTES else MAX_NAME_BYTES)
-    if end > len(av):
-        return None  # the name runs on into another view
-    data = bytes(av[apos:end])
-    nul = data.find(b"\0")
-    if nul < 0:
-        return None  # the general path calls it malformed
-    _pack_entry_out(rv, rpos, d.fs.lookup(ctx, nodeid, data[:nul]))
-    return _ENTRY_OUT_SIZE
-
-
-def _fast_read(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
-               body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
-    fh, offset, size, _rflags, _owner, _flags, _ = _unpack_read_in(av, apos)
-    if size > MAX_READ or offset > _MAX_OFFSET:
-        return None
-    wbufs = chain.writable
-    w0 = wbufs[0]
-    if len(w0) == OUT_HDR and size == chain.writable_len - OUT_HDR:
-        bufs = wbufs[1:]  # the data pages after a reply header of its own (Linux)
-    elif size and len(w0) >= OUT_HDR + size:
-        bufs = [w0[OUT_HDR:OUT_HDR + size]]  # header and data in one (merged) view
-    else:
-        bufs = ChainWriter(wbufs, chain.writable_len).views_at(OUT_HDR, size)
-    n = d.fs.read(ctx, nodeid, fh, offset, bufs)
-    d.stats.bytes_read += n
-    return n
-
-
-def _fast_write(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: int,
-                body: int, rv: memoryview, rpos: int, chain: DescriptorChain) -> int | None:
-    fh, offset, size, write_flags, _owner, _flags, _ = _unpack_read_in(av, apos)
-    args_end = apos + _WRITE_IN.size
-    # The common shape only: the arguments end their view and the payload is
-    # every view after it, nothing more (a header of its own, or with the
-    # arguments in one view).
-    if (size > MAX_WRITE or offset > _MAX_OFFSET or args_end != len(av)
-            or size != body - _WRITE_IN.size or body + _IN_HEADER_SIZE != chain.readable_len):
-        return None
-    rbufs = chain.readable
-    payload = rbufs[1:] if apos else rbufs[2:]
-    n = d.fs.write(ctx, nodeid, fh, offset, payload, write_flags)
-    d.stats.bytes_written += n
-    _pack_write_out(rv, rpos, n, 0)
-    return _WRITE_OUT_SIZE
-
-
-FastFn = Callable[[Dispatcher, Context, int, memoryview, int, int, memoryview, int,
-                   DescriptorChain], "int | None"]
-#: (argument bytes, fixed reply bytes, function)
-FastSpec = tuple[int, int, FastFn]
-#: The opcodes with a fast path (in Dispatcher.handle).  Recognised: the
-#: arguments whole in the header's view (right after it) or at the start of
-#: the next view, at least as many bytes of them as the header's ``len``
-#: says, and the reply header and any fixed reply whole in the first
-#: writable view, or the header alone there and the reply at the start of
-#: the next one.  The op's function returns None too when it sees a shape it
-#: leaves to the general path, always before the filesystem acts.
-FAST: dict[int, FastSpec] = {
-    int(Op.FUSE_GETATTR): (_GETATTR_IN.size, _ATTR_OUT_SIZE, _fast_getattr),
-    int(Op.FUSE_LOOKUP): (0, _ENTRY_OUT_SIZE, _fast_lookup),
-    int(Op.FUSE_READ): (_READ_IN.size, 0, _fast_read),
-    int(Op.FUSE_WRITE): (_WRITE_IN.size, _WRITE_OUT_SIZE, _fast_write),
-}
-
-
-def _extension_area(r: ChainReader) -> bytes:
-    """The request's extension bytes: the last ``8 * total_extlen`` of its length.
-
-    ``handle`` bounds the reader to the op's arguments, so the header is
-    read again from the start of the chain's views (it was already checked
-    there: ``len`` fits the chain and covers the extensions).
-    """
-    whole = ChainReader(r._bufs, sum(len(b) for b in r._bufs))
-    length, *_, extlen, _pad = whole.read_struct(F.fuse_in_header)
-    if not extlen:
-        return b""
-    whole.skip(length - F.fuse_in_header.size - 8 * extlen)
-    return whole.read_bytes(8 * extlen)
-
-
-def _secctx(body: bytes, count: int) -> tuple[SecContext, ...]:
-    """``count`` security contexts: fuse_secctx{size}, a NUL-ended name, the value."""
-    out = []
-    pos = 0
-    for _ in range(count):
-        if pos + F.fuse_secctx.size > len(body):
-            raise Malformed("security context truncated")
-        size, _pad = F.fuse_secctx.unpack_from(body, pos)
-        pos += F.fuse_secctx.size
-        end = body.find(b"\0", pos)
-        if end <= pos or end + 1 + size > len(body) or size > MAX_XATTR_SIZE:
-            raise Malformed("security context name or value out of bounds")
-        out.append(SecContext(body[pos:end], body[end + 1:end + 1 + size]))
-        pos = end + 1 + size
-    return tuple(out)
-
-
-def _supp_groups(body: bytes) -> tuple[int, ...]:
-    """fuse_supp_groups: nr_groups, then the gids."""
-    if len(body) < F.fuse_supp_groups.size:
-        raise Malformed("supplementary groups truncated")
-    (nr,) = F.fuse_supp_groups.unpack_from(body)
-    if nr > MAX_EXT_GROUPS or F.fuse_supp_groups.size + 4 * nr > len(body):
-        raise Malformed(f"{nr} supplementary groups in {len(body)} bytes")
-    return tuple(int.from_bytes(body[4 + 4 * i:8 + 4 * i], "little") for i in range(nr))
-
-
-def _ns(secs: int, nsec: int) -> int:
-    if secs > _U64 >> 1:
-        secs -= 1 << 64
-    return secs * NSEC + nsec
-
-
 Dispatcher.TABLE = {
     Op.FUSE_INIT: Dispatcher.op_init,
     Op.FUSE_DESTROY: Dispatcher.op_destroy,
@@ -1137,3 +830,7 @@ Dispatcher.TABLE = {
     Op.FUSE_SETLK: Dispatcher.op_setlk,
     Op.FUSE_SETLKW: Dispatcher.op_setlkw,
 }
+
+__all__ = ["FAST", "MAX_BATCH_FORGET", "MAX_PAGES", "MAX_READ", "MAX_WRITE", "PENDING",
+           "DaxMapper", "Dispatcher", "FastSpec", "LockService", "Malformed", "Stats",
+           "attr_fields", "decode_dev", "encode_dev", "pack_attr", "pack_entry"]
