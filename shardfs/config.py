@@ -186,11 +186,6 @@ class Config:
         if self.seccomp not in SECCOMP_MODES:
             raise ConfigError(f"config: seccomp: must be one of {', '.join(SECCOMP_MODES)}, "
                               f"got {self.seccomp!r}")
-        if self.sandbox == "chroot" and self.xattr:
-            # The passthrough reaches xattrs through /proc/self/fd/N paths, which
-            # a chroot into the share would resolve inside the share.
-            raise ConfigError("config: sandbox: chroot needs xattr = false (xattrs go "
-                              "through /proc paths a chroot hides); or use namespace")
         if not 0 <= self.poll_us <= MAX_POLL_US:
             raise ConfigError(f"config: poll_us: must be between 0 and {MAX_POLL_US}, "
                               f"got {self.poll_us}")

@@ -21,10 +21,10 @@ Modes (``sandbox =`` in the config, ``--sandbox``):
 ``chroot``
     ``chroot(2)`` into the share (for hosts where namespaces are not
     allowed; needs CAP_SYS_CHROOT, so root only: refused at start
-    otherwise).  The filesystem is opened before the chroot, so its /proc
-    fd is held, but ``/proc/self/fd/N`` *paths*
-    would resolve inside the share: the config refuses ``chroot`` together
-    with ``xattr = true`` (the passthrough's xattr calls use those paths).
+    otherwise).  The filesystem is opened before the chroot, so its
+    ``/proc/self/fd`` directory fd is held; ``/proc/self/fd/N`` *paths*
+    would resolve inside the share, so the passthrough names nodes relative
+    to that held directory once the root has changed (``_proc_path``).
 ``none``
     no change.  A non-root daemon then acts with its own ids: the guest's
     root creates files as the invoking user, other guest ids get EPERM

@@ -7,6 +7,7 @@ stays as it was started (it keeps the vhost-user socket and forks).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -151,6 +152,41 @@ def test_sandbox_chroot_roots_children_in_the_share(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
-def test_chroot_with_xattrs_is_refused_at_start(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="chroot needs xattr = false"):
-        Daemon(tmp_path, "--sandbox", "chroot")
+def test_chroot_serves_xattrs_through_the_held_proc_fd(tmp_path: Path) -> None:
+    """Under a chroot ``/proc/self/fd/N`` would name a path in the share, which the
+    guest can create: xattrs must reach the node itself (virtiofsd's fchdir route),
+    and a planted ``proc/self/fd`` tree in the share must never be written."""
+    d = Daemon(tmp_path, "--sandbox", "chroot", "--xattr", "--seccomp", "kill")
+    planted = d.shared / "proc" / "self" / "fd"
+    planted.mkdir(parents=True)
+    for n in range(64):
+        (planted / str(n)).write_text("decoy")
+    (d.shared / "target").write_text("t")
+    os.symlink("target", d.shared / "link")
+    try:
+        with d.frontend() as fe:
+            fe.start()
+            c = FuseClient(fe)
+            c.init(flags=INIT_FLAGS)
+            name = b"user.chroot"
+            for fname, value in ((b"target", b"on the file"), (b"proc", b"on a dir")):
+                nodeid = c.lookup(1, fname)[0]
+                c.ok(Op.FUSE_SETXATTR, nodeid,
+                     F.fuse_getxattr_in.pack(len(value), 0) + name + b"\0" + value)
+                assert c.ok(Op.FUSE_GETXATTR, nodeid,
+                            F.fuse_getxattr_in.pack(64, 0) + name + b"\0") == value
+                assert name + b"\0" in c.ok(Op.FUSE_LISTXATTR, nodeid,
+                                             F.fuse_getxattr_in.pack(4096, 0))
+            link = c.lookup(1, b"link")[0]  # user.* xattrs on a symlink: EPERM, not the target's
+            r = c.call(Op.FUSE_GETXATTR, link, F.fuse_getxattr_in.pack(64, 0) + name + b"\0")
+            assert r.error in (-errno.ENODATA, -errno.EPERM)
+            target = c.lookup(1, b"target")[0]
+            c.ok(Op.FUSE_REMOVEXATTR, target, name + b"\0")
+    finally:
+        assert d.stop() == 0
+    log = d.log_path.read_text()
+    assert "Traceback" not in log and "died" not in log, log
+    assert os.listxattr(d.shared / "target") == []
+    assert os.getxattr(d.shared / "proc", "user.chroot") == b"on a dir"
+    for n in range(64):
+        assert os.listxattr(planted / str(n)) == [], n

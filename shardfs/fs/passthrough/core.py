@@ -117,6 +117,10 @@ class PassthroughBase(FileSystem):
     _has_openat2: bool
     #: O_PATH fd on /proc/self/fd, for the reopen magic links.
     _proc_fd: int
+    #: What ``/`` was when ``_proc_fd`` was opened, and the magic-link prefix
+    #: chosen at the first use (see ``_proc_path``).
+    _root_at_open: tuple[int, int]
+    _proc_prefix: str | None = None
 
     @property
     def _writeback_on(self) -> bool:
@@ -208,8 +212,26 @@ class PassthroughBase(FileSystem):
 
         It resolves to the node's own inode, never further: when the node
         is a symlink, the symlink itself (checked by the contract tests).
+
+        Under a chroot into the share, ``/proc/self/fd/N`` would resolve
+        inside the share -- a path the guest can create.  So the first call
+        after the root changed moves the working directory onto the
+        ``/proc/self/fd`` directory this instance opened before the chroot,
+        and every later path is relative to it (virtiofsd does the same).
+        The workers are single-threaded and nothing else uses relative
+        paths, so the working directory is this method's alone.
         """
-        return f"{PROC_SELF_FD}/{node.fd}"
+        prefix = self._proc_prefix
+        if prefix is None:
+            prefix = self._proc_prefix = self._choose_proc_prefix()
+        return f"{prefix}{node.fd}"
+
+    def _choose_proc_prefix(self) -> str:
+        st = os.stat("/")
+        if (st.st_dev, st.st_ino) == self._root_at_open:
+            return PROC_SELF_FD + "/"
+        os.fchdir(self._proc_fd)
+        return ""
 
     def _lookup_node(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
         """Resolve ``name`` and count one lookup of its node."""

@@ -217,6 +217,8 @@ class PassthroughFs(XattrOps, DirOps, AttrOps, FileOps, NameOps):
         self._xattr = xattr
         self._writeback = writeback
         self._proc_fd = os.open(PROC_SELF_FD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root = os.stat("/")
+        self._root_at_open = (root.st_dev, root.st_ino)
         try:
             root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             self._nodes = SharedNodeTable(shared, root_fd, worker, submounts)
