@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Supervisor(cfg).run(listener)
     finally:
+        # Shut down already: a SIGTERM now (libvirt stopping the domain as the VMM
+        # leaves) must not turn a clean exit into a death by signal while Python
+        # finalizes (which restores the default handlers).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if pid_fd is not None:
             release_pid_file(cfg.socket_path or "", pid_fd)
 

@@ -202,3 +202,23 @@ def test_sigterm_to_the_process_group_is_a_shutdown_not_a_crash(tmp_path: Path) 
         proc.wait()
     log = (tmp_path / "log").read_text()
     assert "restarting" not in log and "Traceback" not in log, log
+
+
+def test_sigterm_while_exiting_after_the_vmm_left_is_still_a_clean_exit(tmp_path: Path) -> None:
+    """virtiofsd's default: exit when the VMM leaves.  A launcher's SIGTERM that arrives
+    while shardfs is already on its way out must not turn exit 0 into a signal death."""
+    import signal
+
+    path = str(tmp_path / "s.sock")
+    proc = _start(["--socket-path", path, "--sandbox", "none"], tmp_path)
+    try:
+        _wait_for(tmp_path / "log", proc, "Waiting for vhost-user socket connection")
+        _serve_one(path)
+        _wait_for(tmp_path / "log", proc, "shut down")
+        while proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.001)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
