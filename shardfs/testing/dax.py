@@ -47,27 +47,20 @@ from shardfs.codec.backend_channel import (
 )
 from shardfs.proc.dax import DaxTable, Mapping
 from shardfs.testing.frontend import DEFAULT_TIMEOUT_S, Frontend, FrontendError, FuseClient
+from shardfs.virtq.dirtylog import MAP_FAILED, libc_mmap, libc_munmap
 
 # <sys/mman.h> on Linux x86-64 (Python's mmap module names neither).
 PROT_NONE = 0
 MAP_FIXED = 0x10
 MAP_NORESERVE = 0x4000
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long]
-_munmap = _libc.munmap
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 PAGE = mmap.PAGESIZE
 #: Protection strings /proc/self/maps shows for a reserved (PROT_NONE) range.
 RESERVED = "---p"
 
 
 def _check_mmap(addr: int | None) -> int:
-    if addr is None or addr == _MAP_FAILED:
+    if addr is None or addr == MAP_FAILED:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return addr
@@ -81,7 +74,7 @@ class DaxWindow:
             raise ValueError(f"policy {policy!r}")
         self.size = size
         self.policy = policy
-        self.addr = _check_mmap(_mmap(None, size, PROT_NONE,
+        self.addr = _check_mmap(libc_mmap(None, size, PROT_NONE,
                                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
                                       -1, 0))
         #: What this frontend believes is mapped (the backend's table should agree).
@@ -98,9 +91,9 @@ class DaxWindow:
         if self.policy == "exact" and self.table.overlapping(offset, offset + length):
             return errno.EEXIST
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        got = _mmap(self.addr + offset, length, prot, mmap.MAP_SHARED | MAP_FIXED, fd,
+        got = libc_mmap(self.addr + offset, length, prot, mmap.MAP_SHARED | MAP_FIXED, fd,
                     fd_offset)
-        if got is None or got == _MAP_FAILED:
+        if got is None or got == MAP_FAILED:
             err = ctypes.get_errno()
             self._reserve(offset, length)  # a failed MAP_FIXED may leave a hole
             self.table.cut(offset, offset + length)
@@ -121,7 +114,7 @@ class DaxWindow:
         return 0
 
     def _reserve(self, offset: int, length: int) -> None:
-        _check_mmap(_mmap(self.addr + offset, length, PROT_NONE,
+        _check_mmap(libc_mmap(self.addr + offset, length, PROT_NONE,
                           mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
                           -1, 0))
 
@@ -158,7 +151,7 @@ class DaxWindow:
 
     def close(self) -> None:
         if self.addr:
-            _munmap(self.addr, self.size)
+            libc_munmap(self.addr, self.size)
             self.addr = 0
 
 

@@ -58,13 +58,16 @@ _ALL_ONES = 0xFF
 MAX_LOG_BYTES = 1 << 31
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long]
-_munmap = _libc.munmap
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+#: mmap(2) and munmap(2) through libc, for a mapping whose *address* we need
+#: (the atomic OR takes a pointer; Python's mmap hides it).  The DAX test
+#: double (shardfs.testing.dax) maps its window with the same bindings.
+libc_mmap = _libc.mmap
+libc_mmap.restype = ctypes.c_void_p
+libc_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc_munmap = _libc.munmap
+libc_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _load_fetch_or() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -102,8 +105,8 @@ class DirtyLog:
         if not 0 < size <= MAX_LOG_BYTES or not 0 <= offset <= MAX_LOG_BYTES:
             raise DirtyLogError(f"log size {size} offset {offset} out of range")
         length = size + offset
-        addr = _mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
+        addr = libc_mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == MAP_FAILED:
             e = ctypes.get_errno()
             raise DirtyLogError(f"cannot map the log ({size} bytes): {os.strerror(e)}")
         self._map_addr, self._map_len = addr, length
@@ -118,7 +121,7 @@ class DirtyLog:
 
     def close(self) -> None:
         if self._map_addr:
-            _munmap(self._map_addr, self._map_len)
+            libc_munmap(self._map_addr, self._map_len)
             self._map_addr = 0
             self.base = 0
             self.size = self.pages = 0
