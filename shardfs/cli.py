@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 
@@ -164,22 +163,15 @@ def main(argv: list[str] | None = None) -> int:
 
     pid_fd = None
     try:
-        if cfg.socket_path is not None:
-            pid_fd = take_pid_file(cfg.socket_path)  # before the bind: never steal a socket
-        listener = open_listener(cfg)
-    except OSError as e:
-        print(f"shardfs: socket_path: {e.strerror or e}", file=sys.stderr)
-        if pid_fd is not None:
-            release_pid_file(cfg.socket_path or "", pid_fd)
-        return 1
-    try:
+        try:
+            if cfg.socket_path is not None:
+                pid_fd = take_pid_file(cfg.socket_path)  # before the bind: never steal a socket
+            listener = open_listener(cfg)
+        except OSError as e:
+            print(f"shardfs: socket_path: {e.strerror or e}", file=sys.stderr)
+            return 1
         return Supervisor(cfg).run(listener)
     finally:
-        # Shut down already: a SIGTERM now (libvirt stopping the domain as the VMM
-        # leaves) must not turn a clean exit into a death by signal while Python
-        # finalizes (which restores the default handlers).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if pid_fd is not None:
             release_pid_file(cfg.socket_path or "", pid_fd)
 

@@ -757,6 +757,11 @@ class Supervisor:
                 except OSError:
                     pass
         log.info("shut down")
+        # Done: a SIGTERM now (libvirt stopping the domain as the VMM leaves) must
+        # not turn a clean exit into a death by signal while Python finalizes
+        # (which restores the default handlers).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
