@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import grp
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -401,6 +400,10 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
     cfg = Config()
     explicit: set[str] = set()
     if path is not None:
+        # Imported only when a file is named: a launcher's command line never
+        # needs it, and the daemon's children would carry it (about 1 MB).
+        import tomllib
+
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)

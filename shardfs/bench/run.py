@@ -93,7 +93,8 @@ class Daemon:
 
 
 def shardfs_cmd(queues: int, poll_us: int, hardened: bool, extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "shardfs", "--socket-path", "{socket}", "--shared-dir",
+    # -OO as scripts/shardfs runs the daemon (no docstrings in memory).
+    cmd = [sys.executable, "-OO", "-m", "shardfs", "--socket-path", "{socket}", "--shared-dir",
            "{shared}", "--num-request-queues", str(queues), "--poll-us", str(poll_us),
            "--log-level", "warning", "--once"]
     if not hardened:

@@ -1,6 +1,7 @@
 """The supervisor: owns the vhost-user socket and the process tree.
 
-Start-up order: listen (or take ``--fd``), fork the coordinator, fork one
+Start-up order: listen (or take ``--fd``), fork the DAX coordinator (only with a
+DAX window), the lock process (only with host-visible locks), and one
 worker per request queue, then accept frontends one at a time.  The
 supervisor runs the sans-IO :class:`~shardfs.codec.vhost_user.VhostUserSession`
 and implements its :class:`~shardfs.codec.vhost_user.Device` by sending
@@ -35,8 +36,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import multiprocess
 
 from shardfs.abi import vhost_user as vu
 from shardfs.abi.vhost_user import ProtocolFeature as PF
@@ -73,6 +72,7 @@ from shardfs.proc.locks import attach_worker as attach_locks
 from shardfs.proc.locks import init_flags as lock_init_flags
 from shardfs.proc.locks import lock_process_body
 from shardfs.proc.migration import Migration, MigrationDevice
+from shardfs.proc.spawn import ForkedProcess
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import Worker, set_process_name
 from shardfs.sandbox import SandboxPolicy, confine, enter_user_namespace, isolate_daemon
@@ -124,7 +124,7 @@ def virtiofsd_fs_options(cfg: Config) -> dict[str, Any]:
 @dataclass
 class Child:
     name: str
-    proc: Any
+    proc: ForkedProcess
     sock: socket.socket
     #: Readable once the process has exited (pidfd_open), for select().
     pidfd: int
@@ -413,11 +413,10 @@ class Supervisor:
                    if dax_shared is not None else None)
             Worker(wid, child, make_fs, progress, stats_page, cfg.poll_us, dax=dax).run()
 
-        ctx = multiprocess.get_context("fork")
-        proc = ctx.Process(target=body, name=f"shardfs-worker-{wid}", daemon=False)
-        proc.start()
+        proc = ForkedProcess(body, f"shardfs-worker-{wid}")
+        pid = proc.start()
         child.close()
-        return Child(f"worker {wid}", proc, parent, os.pidfd_open(proc.pid))
+        return Child(f"worker {wid}", proc, parent, os.pidfd_open(pid))
 
     def _fork_coordinator(self) -> Child:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -446,11 +445,10 @@ class Supervisor:
                                readonly=cfg.readonly)
             Coordinator(child, dax).run()
 
-        ctx = multiprocess.get_context("fork")
-        proc = ctx.Process(target=body, name="shardfs-coordinator", daemon=False)
-        proc.start()
+        proc = ForkedProcess(body, "shardfs-coordinator")
+        pid = proc.start()
         child.close()
-        return Child("coordinator", proc, parent, os.pidfd_open(proc.pid))
+        return Child("coordinator", proc, parent, os.pidfd_open(pid))
 
     def _fork_locks(self) -> Child:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -461,10 +459,10 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             lock_process_body(child, policy, self.cfg.shared_dir)
 
-        proc = multiprocess.get_context("fork").Process(target=body, name="shardfs-locks")
-        proc.start()
+        proc = ForkedProcess(body, "shardfs-locks")
+        pid = proc.start()
         child.close()
-        return Child("lock process", proc, parent, os.pidfd_open(proc.pid))
+        return Child("lock process", proc, parent, os.pidfd_open(pid))
 
     def _link_locks(self, wid: int) -> None:
         """Give worker ``wid`` and the lock process a new lock link (proc.locks)."""
@@ -624,8 +622,11 @@ class Supervisor:
             self._shutdown()
             return 1
         try:
-            self.coordinator = self._fork_coordinator()
-            control.call(self.coordinator.sock, ["ping"])
+            if self.dax_shared is not None:
+                # Without a DAX window it would have nothing to serialize, and
+                # an idle process still costs its private pages (about 3 MB).
+                self.coordinator = self._fork_coordinator()
+                control.call(self.coordinator.sock, ["ping"])
             if self.cfg.lock_kinds():
                 self.lock_proc = self._fork_locks()
                 control.call(self.lock_proc.sock, ["ping"])
@@ -639,10 +640,10 @@ class Supervisor:
             log.error("a child process failed to start (%s); see its log above", e)
             self._shutdown()
             return 1
-        log.info("serving %s on %s with %d request queue(s), pids: coordinator %d, workers %s",
+        log.info("serving %s on %s with %d request queue(s), pids: workers %s%s",
                  self.cfg.shared_dir, self.cfg.socket_path or f"fd {self.cfg.fd}",
-                 self.cfg.num_request_queues, self.coordinator.proc.pid,
-                 ", ".join(str(w.proc.pid) for w in self.workers))
+                 self.cfg.num_request_queues, ", ".join(str(w.proc.pid) for w in self.workers),
+                 f", DAX coordinator {self.coordinator.proc.pid}" if self.coordinator else "")
         try:
             while not self.stopping:
                 conn = self._accept(listener)

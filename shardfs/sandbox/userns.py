@@ -78,8 +78,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 
 from shardfs.abi.capability import CAP_DAC_READ_SEARCH
 from shardfs.sandbox import linux
@@ -126,6 +124,8 @@ def refusal(mode: str, uid_map: IdMap, gid_map: IdMap, *, queues: int,
                 "open_by_handle_at(2) needs CAP_DAC_READ_SEARCH in the host's user namespace)")
     if root or mode != "namespace":
         return None
+    import shutil  # here, not at the top: only a rootless start with maps needs it
+
     for name, given, tool in (("uid_map", uid_map, NEWUIDMAP), ("gid_map", gid_map, NEWGIDMAP)):
         if given and shutil.which(tool) is None:
             return f"{name}: {tool} is not installed (Debian package uidmap)"
@@ -223,6 +223,10 @@ def _enter_with_helper(uid_map: IdMap, gid_map: IdMap) -> None:
 
 def _run_helpers(pid: int, uid_map: IdMap, gid_map: IdMap) -> str:
     """Run newuidmap and newgidmap on ``pid``; "" or one line naming the refused map."""
+    # Imported here: every daemon forks its children from a heap that would
+    # otherwise carry subprocess (and what it imports) for this one helper.
+    import subprocess
+
     for name, tool, ranges in (("uid_map", NEWUIDMAP, uid_map), ("gid_map", NEWGIDMAP, gid_map)):
         argv = [tool, str(pid)] + [str(n) for r in ranges for n in r]
         try:

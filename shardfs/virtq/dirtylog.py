@@ -39,7 +39,6 @@ before a memory-table change).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -71,9 +70,10 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _load_fetch_or() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("atomic") or "libatomic.so.1"
+    # By soname: ctypes.util.find_library would run ldconfig in a subprocess
+    # and import tempfile, random and more into every daemon (memory, DESIGN §5).
     try:
-        lib = ctypes.CDLL(name)
+        lib = ctypes.CDLL("libatomic.so.1")
     except OSError:
         return None
     fn = lib.__atomic_fetch_or_1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,18 @@ def assert_confined_caps(pid: int, seccomp: str = "2") -> None:
     assert st["Seccomp"] == seccomp
 
 
-def test_default_sandbox_confines_every_child(daemon: Daemon, fuse: FuseClient) -> None:
+@pytest.fixture
+def dax_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with a DAX window, so that the coordinator runs too."""
+    d = Daemon(tmp_path, "--dax-window", str(2 << 20))
+    yield d
+    assert d.stop() == 0
+
+
+def test_default_sandbox_confines_every_child(dax_daemon: Daemon) -> None:
+    daemon = dax_daemon
+    fe = daemon.frontend().start()
+    FuseClient(fe).init()
     kids = children(daemon)
     assert {"shardfs-coord", "shardfs-w0"} <= set(kids), kids
     sup = daemon.proc.pid
@@ -81,6 +93,7 @@ def test_default_sandbox_confines_every_child(daemon: Daemon, fuse: FuseClient) 
     # The supervisor itself is untouched: the host's mounts and its capabilities.
     assert ns(sup, "mnt") == ns(os.getpid(), "mnt")
     assert status(sup)["Seccomp"] == "0"
+    fe.close()
 
 
 def test_sandboxed_worker_serves_data_and_xattrs(tmp_path: Path) -> None:

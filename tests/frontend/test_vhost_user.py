@@ -280,10 +280,22 @@ def test_reconnect_after_disconnect(daemon: Daemon) -> None:
 
 def test_process_tree_and_sigterm(daemon: Daemon) -> None:
     kids = daemon.children()
-    assert len(kids) == 2  # the coordinator and one worker
+    # One worker; no DAX window, so no coordinator (it would idle, costing memory).
     names = sorted(open(f"/proc/{k}/comm").read().strip() for k in kids)
-    assert names == ["shardfs-coord", "shardfs-w0"]
+    assert names == ["shardfs-w0"]
     assert daemon.stop() == 0
+    for k in kids:
+        assert not os.path.exists(f"/proc/{k}")
+
+
+def test_dax_window_adds_the_coordinator(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "--dax-window", str(2 << 20), queues=2)
+    try:
+        kids = d.children()
+        names = sorted(open(f"/proc/{k}/comm").read().strip() for k in kids)
+        assert names == ["shardfs-coord", "shardfs-w0", "shardfs-w1"]
+    finally:
+        assert d.stop() == 0
     for k in kids:
         assert not os.path.exists(f"/proc/{k}")
 
@@ -292,7 +304,7 @@ def test_two_request_queues_two_workers(tmp_path: Path) -> None:
     d = Daemon(tmp_path, queues=2)
     try:
         kids = d.children()
-        assert len(kids) == 3
+        assert len(kids) == 2  # two workers (no DAX window, no coordinator)
         with d.frontend() as fe:
             fe.start()
             assert fe.get_u64(R.GET_QUEUE_NUM) == 3
