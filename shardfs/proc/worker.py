@@ -258,9 +258,15 @@ class Worker:
         idle = self.dispatcher.fs.idle
         pushed = busy_ns = 0
         # A driver waiting for a completion is called as soon as one is ready,
-        # not when the whole batch is: it refills the ring meanwhile.
+        # not when the whole batch is: it refills the ring meanwhile.  When the
+        # ring is empty after a push, the driver may be waiting for exactly that
+        # reply (depth 1): the decision is made there and then, so the driver's
+        # wake-up overlaps the bookkeeping below instead of following it.
         call_fd = ring.call_fd
-        call_now = q.call_now if call_fd is not None else None
+        call_now = q.call_now
+        more_waiting = q.more_waiting
+        needs_notification = q.needs_notification
+        owed = False  # pushes no call decision has covered yet
         # With polling, _spin() watches the ring next and asks for kicks only
         # before it sleeps: a driver publishing meanwhile need not kick.
         rearm = not self.poll_ns
@@ -279,6 +285,7 @@ class Worker:
                                     q.index, chain)
                         push(chain, 0)
                         values[MALFORMED] += 1
+                        owed = True
                     else:
                         idle()
                         used = handle(chain)
@@ -294,9 +301,19 @@ class Worker:
                         t1 = clock()
                         dt = t1 - t0
                         t0 = t1
-                        if call_now is not None and call_now():
-                            os.eventfd_write(call_fd, 1)  # type: ignore[arg-type]
+                        if call_fd is None:
+                            pass
+                        elif not more_waiting():
+                            if needs_notification():
+                                os.eventfd_write(call_fd, 1)
+                                values[NOTIFICATIONS] += 1
+                            owed = False
+                        elif call_now():
+                            os.eventfd_write(call_fd, 1)
                             values[NOTIFICATIONS] += 1
+                            owed = False
+                        else:
+                            owed = True
                         busy_ns += dt
                         bucket = (dt // 1000).bit_length()  # stats.latency_bucket, inlined
                         hist[bucket if bucket < HIST_BUCKETS else HIST_BUCKETS - 1] += 1
@@ -317,8 +334,8 @@ class Worker:
         values[BYTES_READ] += st.bytes_read - before[2]
         values[BYTES_WRITTEN] += st.bytes_written - before[3]
         self.dispatcher.fs.idle()
-        if pushed and ring.call_fd is not None and q.ready and q.needs_notification():
-            os.eventfd_write(ring.call_fd, 1)
+        if owed and call_fd is not None and q.ready and needs_notification():
+            os.eventfd_write(call_fd, 1)
             values[NOTIFICATIONS] += 1
         counters.flush()
         if self.locks is not None and self.locks.parked:

@@ -162,6 +162,26 @@ def test_same_inode_same_nodeid(fs: PassthroughFs, shared: Path) -> None:
     assert fs.node_count() == 2
 
 
+def test_lookup_again_follows_the_host(fs: PassthroughFs, shared: Path) -> None:
+    """A known name is stat'ed first (no fd when the node is held): a name the host
+    replaced meanwhile gets the new inode's node, and a symlink is never followed."""
+    (shared / "f").write_bytes(b"old")
+    (shared / "g").write_bytes(b"new content")
+    os.symlink("g", shared / "ln")
+    a = fs.lookup(ROOT, FUSE_ROOT_ID, b"f")
+    ln = fs.lookup(ROOT, FUSE_ROOT_ID, b"ln")
+    assert stat.S_ISLNK(ln.attr.st_mode)
+    assert stat.S_ISLNK(fs.lookup(ROOT, FUSE_ROOT_ID, b"ln").attr.st_mode)
+    assert fs.lookup_count(ln.nodeid) == 2
+    os.rename(shared / "g", shared / "f")
+    b = fs.lookup(ROOT, FUSE_ROOT_ID, b"f")
+    assert b.nodeid != a.nodeid and b.attr.st_size == len(b"new content")
+    assert_same_stat(b.attr, shared / "f")
+    assert fs.lookup_count(a.nodeid) == 1 and fs.lookup_count(b.nodeid) == 1
+    os.unlink(shared / "f")
+    assert errno_of(fs.lookup, ROOT, FUSE_ROOT_ID, b"f") == errno.ENOENT
+
+
 def test_forget_to_zero_frees_the_fd(fs: PassthroughFs, shared: Path) -> None:
     (shared / "f").write_bytes(b"abc")
     fds = open_fds()

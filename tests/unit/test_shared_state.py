@@ -195,3 +195,32 @@ def test_a_live_node_never_reads_as_free_while_its_count_changes(tmp_path: Path)
     assert torn == 0
     assert t.nlookup(node.nodeid) == 1
     t.close()
+
+
+def test_count_cached_counts_only_nodes_this_worker_holds(tmp_path: Path) -> None:
+    """LOOKUP of a known name: counted on the cached node, no fd; anything else is None."""
+    s = SharedState(64, 16)
+    a = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=0)
+    b = SharedNodeTable(s, os.open(tmp_path, os.O_PATH), worker=1)
+    (tmp_path / "f").write_text("x")
+    st = os.stat(tmp_path / "f")
+    assert a.count_cached(st.st_dev, st.st_ino) is None  # not a node yet
+    node = a.insert(*_open(tmp_path / "f"))
+    got = a.count_cached(st.st_dev, st.st_ino)
+    assert got is node and a.nlookup(node.nodeid) == 2
+    # Worker b holds no fd for it: None, and the count is untouched.
+    assert b.count_cached(st.st_dev, st.st_ino) is None and a.nlookup(node.nodeid) == 2
+    # The root is counted like any node.
+    root = os.stat(tmp_path)
+    assert a.count_cached(root.st_dev, root.st_ino) is a.root
+    # Freed (by b) and its slot reused: the stale cache entry never answers.
+    b.forget(node.nodeid, 2)
+    assert a.count_cached(st.st_dev, st.st_ino) is None
+    (tmp_path / "g").write_text("y")
+    fresh = b.insert(*_open(tmp_path / "g"))
+    assert split_id(fresh.nodeid)[0] == split_id(node.nodeid)[0]  # the same slot
+    g = os.stat(tmp_path / "g")
+    assert a.count_cached(g.st_dev, g.st_ino) is None  # a's cache has the old gen
+    assert b.count_cached(g.st_dev, g.st_ino) is fresh and b.nlookup(fresh.nodeid) == 2
+    a.close()
+    b.close()

@@ -233,8 +233,22 @@ class PassthroughBase(FileSystem):
         os.fchdir(self._proc_fd)
         return ""
 
-    def _lookup_node(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
-        """Resolve ``name`` and count one lookup of its node."""
+    def _lookup_node(self, parent: Node, name: bytes,
+                     known: bool = False) -> tuple[Node, os.stat_result]:
+        """Resolve ``name`` and count one lookup of its node.
+
+        With ``known`` (LOOKUP: the name has most likely been seen before),
+        an ``fstatat`` of the single checked component comes first, without
+        following a symlink; when its inode is a node this worker already
+        holds, no fd is opened at all (``SharedNodeTable.count_cached``).
+        Otherwise, and always for a name just created, the name is opened
+        O_PATH as below and the inode behind that fd is what counts.
+        """
+        if known:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            node = self._nodes.count_cached(st.st_dev, st.st_ino)
+            if node is not None:
+                return node, st
         fd = self._open_child(parent, name, os.O_PATH)
         try:
             st = os.stat(fd)

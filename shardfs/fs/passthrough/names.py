@@ -45,7 +45,7 @@ class NameOps(PassthroughBase):
         """
         dirnode = self._dir(parent)
         check_name(name)
-        node, st = self._lookup_node(dirnode, name)
+        node, st = self._lookup_node(dirnode, name, known=True)
         entry = self._entry(node, st)
         if (node.is_dir and self._shared.init_flags & FUSE_SUBMOUNTS
                 and is_mount_point(dirnode.dev, node.fd, st)):

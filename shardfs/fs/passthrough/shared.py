@@ -407,6 +407,7 @@ class _FdCache:
     graveyard: list[int]
     _cache: dict[int, tuple[int, Any]]
     _seen: int
+    _seq_word: memoryview
 
     def sync(self) -> None:
         """Drop cached fds of slots freed anywhere since the last sync."""
@@ -464,6 +465,8 @@ class SharedNodeTable(_FdCache):
         #: number is never reused under a request in flight.
         self.graveyard: list[int] = []
         self._seen = state.log_seq()
+        #: The shared header words; [1] is the log sequence (SharedState.log_seq).
+        self._seq_word = state._hdr64
         with state.lock:
             gen, state_, _ = state.node_head(FUSE_ROOT_ID)
             if state_ != USED:
@@ -500,7 +503,8 @@ class SharedNodeTable(_FdCache):
         """The node for ``nodeid`` with an fd this worker owns; ENOENT if not live."""
         if nodeid == FUSE_ROOT_ID:
             return self.root
-        self.sync()
+        if self._seq_word[1] != self._seen:  # sync()'s first test, without the calls
+            self.sync()
         slot, gen = split_id(nodeid)
         if not 1 < slot < self.s.cap_nodes:
             raise FsError(errno.ENOENT)
@@ -559,6 +563,33 @@ class SharedNodeTable(_FdCache):
             self.graveyard.append(cached[1].fd)
         node = Node(make_id(slot, gen), fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), 0)
         self._cache[slot] = (gen, node)
+        return node
+
+    def count_cached(self, dev: int, ino: int) -> Node | None:
+        """Count one lookup of (dev, ino) if it is a live node this worker holds an fd for.
+
+        Returns that node, or None with nothing changed.  The LOOKUP of a
+        known name (the guest's caches expire, it looks again) then needs no
+        fd of its own: the cached O_PATH fd pins the inode, so while the
+        generation read under the lock matches the one cached, (dev, ino)
+        can only be that inode.  Anything else (a new inode, a node another
+        worker made, a slot freed and reused) is None, and the caller takes
+        the :meth:`insert` path.
+        """
+        s = self.s
+        with s.lock:
+            slot = s.index_find(dev, ino)
+            if slot is None:
+                return None
+            gen, state, nlookup = s.node_head(slot)
+            if slot == FUSE_ROOT_ID:
+                node = self.root
+            else:
+                cached = self._cache.get(slot)
+                if cached is None or cached[0] != gen or state != USED:
+                    return None
+                node = cached[1]
+            s.set_nlookup(slot, nlookup + 1)
         return node
 
     def _handle_of(self, fd: int, st: os.stat_result) -> tuple[int, int, bytes]:
@@ -705,6 +736,7 @@ class SharedHandleTable(_FdCache):
         self._cache: dict[int, tuple[int, Handle]] = {}
         self.graveyard = nodes.graveyard  # one for both tables (see SharedNodeTable)
         self._seen = state.log_seq()
+        self._seq_word = state._hdr64  # as SharedNodeTable
 
     LOG_FREED, LOG_CLEAR = LOG_HANDLE, LOG_CLEAR_HANDLES
 
@@ -748,7 +780,8 @@ class SharedHandleTable(_FdCache):
 
     def get(self, fh: int) -> Handle:
         """The live handle with an fd this worker owns, or FsError(EBADF)."""
-        self.sync()
+        if self._seq_word[1] != self._seen:  # sync()'s first test, without the calls
+            self.sync()
         slot, gen = split_id(fh)
         if not 0 < slot < self.s.cap_handles:
             raise FsError(errno.EBADF)
