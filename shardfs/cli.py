@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(cfg.shared_dir, exist_ok=True)
         log.info("created shared dir %s", cfg.shared_dir)
     from shardfs.proc.pidfile import release_pid_file, take_pid_file
-    from shardfs.proc.supervisor import Supervisor, open_listener
+    from shardfs.proc.sockets import open_listener
+    from shardfs.proc.supervisor import Supervisor
 
     pid_fd = None
     try:

@@ -2,7 +2,7 @@
 
 The session (:mod:`shardfs.codec.vhost_user`) turns the migration messages
 into calls on the device; :class:`MigrationDevice` implements them for the
-supervisor's :class:`~shardfs.proc.supervisor.WorkerDevice`:
+supervisor's :class:`~shardfs.proc.device.WorkerDevice`:
 
 * **Dirty log.**  SET_LOG_BASE's memfd, VHOST_F_LOG_ALL from SET_FEATURES and
   each ring's VHOST_VRING_F_LOG go to every worker (control verbs

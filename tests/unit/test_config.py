@@ -183,6 +183,7 @@ def test_every_field_has_a_flag() -> None:
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Run cli.main() up to the supervisor, which is replaced by a recorder."""
+    import shardfs.proc.sockets as sockets
     import shardfs.proc.supervisor as sup
 
     seen: dict[str, Any] = {}
@@ -199,7 +200,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     # The limit is the daemon's, not this test process's (tests/unit/test_limits.py).
     monkeypatch.setattr(cli, "apply_rlimit_nofile",
                         lambda n: seen.setdefault("rlimit_nofile", n) or 0)
-    monkeypatch.setattr(sup, "open_listener", lambda cfg: "listener")
+    monkeypatch.setattr(sockets, "open_listener", lambda cfg: "listener")
     return seen
 
 
