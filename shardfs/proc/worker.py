@@ -46,7 +46,8 @@ from shardfs.virtq.split import QueueError, SplitQueue
 
 log = logging.getLogger("shardfs.worker")
 
-#: The per-ring progress word shared with the supervisor (see supervisor.replay).
+#: The per-ring progress word shared with the supervisor
+#: (see shardfs.proc.device.WorkerDevice.replay).
 _PROGRESS = struct.Struct("<I")
 _pack_progress = _PROGRESS.pack_into
 (REQUESTS, ERRORS, MALFORMED, BYTES_READ, BYTES_WRITTEN, BUSY_NS, KICKS,
