@@ -6,8 +6,9 @@ supervisor before it forks.  Every child inherits that heap; the pages are
 shared until touched, but they are still charged to the daemon (PSS), and a
 host running a hundred VMs pays it a hundred times.  A child here needs
 only fork, a body to run and an exit status, which is what this module does.
-``multiprocess`` stays what the frontend doubles and the bench drivers use,
-where pickling closures across a spawn is the point.
+``multiprocess`` stays what the benchmark's driver processes and the soak
+test's clients run on (``shardfs.bench.loadgen``), where handing a closure
+to a child is the point and a few MB do not matter.
 
 Contract of :class:`ForkedProcess` (the subset of ``multiprocessing.Process``
 the supervisor uses): :meth:`start` forks and runs ``target`` in the child,
