@@ -38,7 +38,6 @@ from shardfs.dispatch.extensions import _extension_area, _ns, _secctx, _supp_gro
 from shardfs.dispatch.fast import FAST, FastSpec
 from shardfs.dispatch.replies import (
     _BATCH_FORGET,
-    _EMPTY_ENTRY,
     _FORGET,
     _GETATTR_FH,
     _GETATTR_IN,
@@ -60,6 +59,7 @@ from shardfs.dispatch.replies import (
     PENDING,
     Malformed,
     Stats,
+    _pack_entry_out,
     _pack_out,
     _reply_attr,
     _reply_entry,
@@ -306,7 +306,7 @@ class Dispatcher:
         return parts[0], parts[1]
 
     @staticmethod
-    def _reply(w: ChainWriter, data: bytes) -> int:
+    def _reply(w: ChainWriter, data: bytes | memoryview) -> int:
         w.write_at(OUT_HDR, data)
         return len(data)
 
@@ -693,24 +693,31 @@ class Dispatcher:
         """
         fh, offset, size, *_ = r.read_struct(F.fuse_read_in)
         size = min(size, MAX_READ, max(w.capacity - OUT_HDR, 0))
-        buf = bytearray()
+        # Records are packed in place into a zeroed buffer: padding, and the
+        # empty entry of ".", ".." and names gone meanwhile, are its zeros.
+        buf = bytearray(size)
+        pos = 0
         hdr_size = F.FUSE_NAME_OFFSET_DIRENTPLUS if plus else F.FUSE_NAME_OFFSET
+        entry_size = hdr_size - F.FUSE_NAME_OFFSET
+        pack_dirent = F.fuse_dirent.pack_into
+        lookup = self.fs.lookup
         for d in self.fs.readdir(ctx, nodeid, fh, offset):
-            rec = F.fuse_rec_align(hdr_size + len(d.name))
-            if len(buf) + rec > size:
+            name = d.name
+            n = len(name)
+            rec = (hdr_size + n + 7) & ~7  # fuse_rec_align, inlined
+            if pos + rec > size:
                 break
-            if plus:
-                entry = _EMPTY_ENTRY
-                if d.name not in (b".", b".."):
-                    try:
-                        entry = pack_entry(self.fs.lookup(ctx, nodeid, d.name))
-                    except (FsError, OSError):
-                        pass
-                buf += entry
-            buf += F.fuse_dirent.pack(d.ino, d.offset, len(d.name), d.type)
-            buf += d.name
-            buf += bytes(rec - hdr_size - len(d.name))
-        return self._reply(w, bytes(buf)) if buf else 0
+            if plus and name != b"." and name != b"..":
+                try:
+                    _pack_entry_out(buf, pos, lookup(ctx, nodeid, name))
+                except (FsError, OSError):
+                    pass
+            at = pos + entry_size
+            pack_dirent(buf, at, d.ino, d.offset, n, d.type)
+            at += F.FUSE_NAME_OFFSET
+            buf[at:at + n] = name
+            pos += rec
+        return self._reply(w, memoryview(buf)[:pos]) if pos else 0
 
     def op_ioctl(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         raise FsError(errno.ENOTTY)

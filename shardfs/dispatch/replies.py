@@ -139,7 +139,7 @@ def _pack_attr_out(view: memoryview, pos: int, valid: int, valid_ns: int,
                         encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, 0)
 
 
-def _pack_entry_out(view: memoryview, pos: int, e: Entry) -> None:
+def _pack_entry_out(view: memoryview | bytearray, pos: int, e: Entry) -> None:
     """``fuse_entry_out.pack_into(view, pos, ...)`` of :func:`pack_entry`."""
     ev, ens = _split_timeout(e.entry_timeout_s)
     av, ans = _split_timeout(e.attr_timeout_s)
@@ -172,9 +172,6 @@ def _reply_attr(w: ChainWriter, st: os.stat_result, timeout_s: float) -> int:
     av, ans = _split_timeout(timeout_s)
     _pack_attr_out(spot[0], spot[1], av, ans, st)
     return _ATTR_OUT.size
-
-
-_EMPTY_ENTRY = bytes(F.fuse_entry_out.size)
 
 
 def reply(w: ChainWriter, data: bytes) -> int:

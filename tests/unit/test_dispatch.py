@@ -571,6 +571,32 @@ def test_readdir_plain(rig: Rig, disp: Dispatcher, fs: FakeFs) -> None:
     assert fs.pulled <= 4  # stops pulling once the buffer is full
 
 
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("size", [4096, 1000, 333])
+def test_readdir_records_byte_for_byte(rig: Rig, disp: Dispatcher, fs: FakeFs, plus: bool,
+                                       size: int) -> None:
+    """Records packed in place equal the header-by-header packing they replaced:
+    entries, dirents, names of every alignment, zero padding, zero entries for
+    ".", ".." and names gone since the listing."""
+    names = [b"x" * n for n in (1, 2, 7, 8, 9, 15, 16, 17, 100, 255)]
+    fs.children = {n: 10 + i for i, n in enumerate(names)}
+    fs.listing = [b".", b"..", *names[:5], b"gone", *names[5:]]
+    want = bytearray()
+    hdr = F.FUSE_NAME_OFFSET_DIRENTPLUS if plus else F.FUSE_NAME_OFFSET
+    for i, name in enumerate(fs.listing):
+        rec = F.fuse_rec_align(hdr + len(name))
+        if len(want) + rec > size:
+            break
+        if plus:
+            nid = fs.children.get(name)
+            want += (D.pack_entry(Entry(nid, 7, mkstat(nid), 1.5, 2.25)) if nid
+                     else bytes(F.fuse_entry_out.size))
+        want += F.fuse_dirent.pack(100 + i, i + 1, len(name), 4 if name in (b".", b"..") else 8)
+        want += name + bytes(rec - hdr - len(name))
+    s = readdir(rig, disp, size, plus=plus)
+    assert s.error == 0 and s.body == bytes(want)
+
+
 def test_readdir_empty_buffer_gives_an_empty_reply(rig: Rig, disp: Dispatcher) -> None:
     s = readdir(rig, disp, 10, plus=False)
     assert s.error == 0 and s.used == OUT
