@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfs.bench.common import process_tree
+from shardfs.bench.daemons import ShardfsDaemon, VirtiofsdDaemon, shardfs_cmd
 
 KIB = 1024
 MB = 1e6
@@ -82,7 +83,6 @@ def total_pss(procs: list[ProcessMemory]) -> int:
 
 def measure_idle(queues: list[int], tmp: Path) -> dict[int, list[ProcessMemory]]:
     """Start an idle daemon per queue count, with a FUSE session; its processes' memory."""
-    from shardfs.bench.run import ShardfsDaemon, shardfs_cmd
     out = {}
     for n in queues:
         d = ShardfsDaemon(tmp, f"mem-{n}q", n, shardfs_cmd(n, 50, False, ""))
@@ -96,7 +96,6 @@ def measure_idle(queues: list[int], tmp: Path) -> dict[int, list[ProcessMemory]]
 
 def measure_peer_idle(tmp: Path, cmd: list[str]) -> int:
     """The PSS of an idle virtiofsd (``cmd``: run.virtiofsd_cmd) with a FUSE session."""
-    from shardfs.bench.run import VirtiofsdDaemon
     d = VirtiofsdDaemon(tmp, "mem-virtiofsd", 1, cmd)
     try:
         time.sleep(SETTLE_S)

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -38,76 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from shardfs.bench import amdahl, memory
-from shardfs.bench.common import PEER, REPO, cpu_seconds, find_virtiofsd, version_of
+from shardfs.bench.common import PEER, REPO, find_virtiofsd, version_of
+from shardfs.bench.daemons import (
+    Daemon,
+    ShardfsDaemon,
+    VirtiofsdDaemon,
+    shardfs_cmd,
+    virtiofsd_cmd,
+)
 from shardfs.bench.loadgen import LAYOUTS, Plan, prebuild, run_parallel
 from shardfs.bench.workloads import DIR_ENTRIES, WORKLOADS, Target, Workload
-from shardfs.testing import process
-from shardfs.testing.frontend import Frontend, FuseClient
 
-QUEUE_SIZE = 1024
-MEM_BYTES = 1 << 30
 #: A driver process busier than this is taken to be the bottleneck.
 FRONTEND_BOUND = 0.9
-
-
-# -- the two daemons ------------------------------------------------------------------
-
-class Daemon:
-    """A backend process with a connected frontend and a FUSE session."""
-
-    name = "?"
-
-    def __init__(self, tmp: Path, label: str, queues: int, cmd: list[str]) -> None:
-        self.label = label
-        self.queues = queues
-        self.shared = tmp / f"{label}-shared"
-        self.shared.mkdir(exist_ok=True)
-        self.socket = str(tmp / f"{label}.sock")
-        self.cmd = [c.format(socket=self.socket, shared=self.shared) for c in cmd]
-        self.log_path = tmp / f"{label}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{label} did not start: {shlex.join(self.cmd)}\n"
-                                   + self.log_path.read_text()[-2000:])
-            time.sleep(0.01)
-        time.sleep(0.05)  # the socket exists a moment before it listens
-        self.fe = Frontend(self.socket, num_queues=1 + queues, queue_size=QUEUE_SIZE,
-                           mem_size=MEM_BYTES).start()
-        self.client = FuseClient(self.fe)
-        self.client.init()
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
-
-    def stop(self) -> None:
-        if getattr(self, "fe", None) is not None:
-            self.fe.close()
-            self.fe = None  # type: ignore[assignment]
-        process.stop(self.proc)
-        self.log.close()
-
-
-def shardfs_cmd(queues: int, poll_us: int, hardened: bool, extra: str) -> list[str]:
-    # -OO as scripts/shardfs runs the daemon (no docstrings in memory).
-    cmd = [sys.executable, "-OO", "-m", "shardfs", "--socket-path", "{socket}", "--shared-dir",
-           "{shared}", "--num-request-queues", str(queues), "--poll-us", str(poll_us),
-           "--log-level", "warning", "--once"]
-    if not hardened:
-        cmd += ["--sandbox", "none", "--seccomp", "none"]
-    return cmd + shlex.split(extra)
-
-
-def virtiofsd_cmd(binary: str, hardened: bool, extra: str) -> list[str]:
-    cmd = [binary, "--socket-path", "{socket}", "--shared-dir", "{shared}", "--log-level",
-           "warn"]
-    if not hardened:
-        cmd += ["--sandbox", "none", "--seccomp", "none"]
-    return cmd + shlex.split(extra)
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -201,14 +143,6 @@ def compare(shardfs: Daemon, peer: Daemon | None, w: Workload, args: argparse.Na
         for p in prepared:
             p.release()
     return mine, theirs, ratios, cpu_ratios
-
-
-class ShardfsDaemon(Daemon):
-    name = "shardfs"
-
-
-class VirtiofsdDaemon(Daemon):
-    name = "virtiofsd"
 
 
 # -- reporting ------------------------------------------------------------------------

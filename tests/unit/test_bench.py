@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from shardfs.abi import fuse as F
-from shardfs.bench import common
+from shardfs.bench import common, daemons
 from shardfs.bench import run as bench
 from shardfs.bench.loadgen import IN_ARGS_OFFSET, IN_NODEID_OFFSET, LAYOUTS, OUT_HDR, Chain
 from shardfs.bench.workloads import (
@@ -27,6 +27,7 @@ from shardfs.bench.workloads import (
     create_advance,
     readdirplus_advance,
 )
+from shardfs.testing.frontend import FuseClient
 
 # -- CPU accounting ---------------------------------------------------------------
 
@@ -109,7 +110,7 @@ def test_readdirplus_advance_resumes_at_the_last_cookie() -> None:
 
 # -- the load generator against the real daemon --------------------------------------
 
-def _every_workload_runs_clean(d: bench.Daemon, layout: str) -> None:
+def _every_workload_runs_clean(d: daemons.Daemon, layout: str) -> None:
     """Run each workload briefly on ``d``; raise on any failed request."""
     try:
         for w in WORKLOADS.values():
@@ -124,14 +125,14 @@ def _every_workload_runs_clean(d: bench.Daemon, layout: str) -> None:
         # CREATE pairs leave nothing behind: every file unlinked, every handle released.
         assert not [f for f in os.listdir(d.shared) if f.startswith("create-")]
         # The frontend's rings are still in step with the daemon's.
-        assert bench.FuseClient(d.fe, d.queues).getattr(1)[0] >= 0
+        assert FuseClient(d.fe, d.queues).getattr(1)[0] >= 0
     finally:
         d.stop()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_workload_runs_clean_on_two_queues(tmp_path: Path, layout: str) -> None:
-    d = bench.ShardfsDaemon(tmp_path, "shardfs", 2, bench.shardfs_cmd(2, 50, False, ""))
+    d = daemons.ShardfsDaemon(tmp_path, "shardfs", 2, daemons.shardfs_cmd(2, 50, False, ""))
     _every_workload_runs_clean(d, layout)
     assert "Traceback" not in d.log_path.read_text()
 
@@ -144,8 +145,9 @@ def test_every_workload_runs_clean_against_virtiofsd(tmp_path: Path) -> None:
         if os.environ.get("SHARDFS_REQUIRE_PEER") == "1":
             pytest.fail("virtiofsd is missing: run scripts/get-virtiofsd")
         pytest.skip("virtiofsd is missing (scripts/get-virtiofsd fetches it)")
-    _every_workload_runs_clean(bench.Daemon(tmp_path, "virtiofsd", 1,
-                                            bench.virtiofsd_cmd(peer, False, "")), "compact")
+    _every_workload_runs_clean(daemons.Daemon(tmp_path, "virtiofsd", 1,
+                                              daemons.virtiofsd_cmd(peer, False, "")),
+                               "compact")
 
 
 # -- report and chart ----------------------------------------------------------------
