@@ -13,7 +13,7 @@ Contracts:
 * Everything children share is made by the supervisor *before* it forks, so
   that every child inherits the same mapping: node and handle identity
   (:class:`~shardfs.fs.passthrough.shared.SharedState`), the ring progress
-  page (:data:`shardfs.proc.device.PROGRESS`), the stats page and the DAX
+  page (:data:`shardfs.proc.worker.PROGRESS`), the stats page and the DAX
   counters.  A replacement child is given the same objects.
 * A child holds exactly what it was given: every inherited fd but stdio,
   its end of the control socket and logging's sockets is closed first

@@ -20,8 +20,8 @@ channel fds, and closes them when a region or ring is dropped, on reset
 and on disconnect; a worker gets copies through its control socket.  That
 is what lets :meth:`WorkerDevice.replay` restart the rings of a worker that
 died in a fresh one, at the avail index the dead one had reached: each
-worker keeps that index in its word of the progress page (:data:`PROGRESS`),
-which the supervisor maps shared before it forks.
+worker keeps that index in its word of the progress page
+(:data:`shardfs.proc.worker.PROGRESS`), which the supervisor maps shared before it forks.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +54,10 @@ from shardfs.config import Config
 from shardfs.proc import control
 from shardfs.proc.children import Child
 from shardfs.proc.migration import MigrationDevice
+from shardfs.proc.worker import PROGRESS
 
 # The supervisor's logger: these lines are the supervisor's, wherever the code sits.
 log = logging.getLogger("shardfs.supervisor")
-
-#: Per-ring progress word: the next avail index the owning worker will take.
-PROGRESS = struct.Struct("<I")
 
 VIRTIO_FEATURES = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC
                    | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VHOST_USER_F_PROTOCOL_FEATURES

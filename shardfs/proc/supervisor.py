@@ -48,13 +48,13 @@ from shardfs.proc import control
 from shardfs.proc.children import Child, fork_coordinator, fork_locks, fork_worker
 from shardfs.proc.coordinator import attach_worker
 from shardfs.proc.dax import DaxShared
-from shardfs.proc.device import PROGRESS, WorkerDevice, session_config
+from shardfs.proc.device import WorkerDevice, session_config
 from shardfs.proc.locks import attach_worker as attach_locks
 from shardfs.proc.locks import init_flags as lock_init_flags
 from shardfs.proc.migration import Migration
 from shardfs.proc.sockets import open_status_socket, recv_exact
 from shardfs.proc.stats import create_page, encode, process_info, read_page
-from shardfs.proc.worker import set_process_name
+from shardfs.proc.worker import PROGRESS, set_process_name
 from shardfs.sandbox import SandboxPolicy, enter_user_namespace, isolate_daemon
 
 log = logging.getLogger("shardfs.supervisor")

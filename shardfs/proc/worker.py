@@ -46,10 +46,10 @@ from shardfs.virtq.split import QueueError, SplitQueue
 
 log = logging.getLogger("shardfs.worker")
 
-#: The per-ring progress word shared with the supervisor
-#: (see shardfs.proc.device.WorkerDevice.replay).
-_PROGRESS = struct.Struct("<I")
-_pack_progress = _PROGRESS.pack_into
+#: Per-ring progress word, shared with the supervisor: the next avail index
+#: the owning worker will take (read by shardfs.proc.device.WorkerDevice.replay).
+PROGRESS = struct.Struct("<I")
+_pack_progress = PROGRESS.pack_into
 (REQUESTS, ERRORS, MALFORMED, BYTES_READ, BYTES_WRITTEN, BUSY_NS, KICKS,
  NOTIFICATIONS) = range(len(FIELDS))
 
@@ -128,7 +128,7 @@ class Worker:
         self.pressure = CpuPressure() if poll_us else None
         self.stats_page = stats_page if stats_page is not None else create_page(MAX_QUEUES)
         #: Shared with the supervisor: per ring, the next avail index we take.
-        self.progress = progress if progress is not None else mmap.mmap(-1, _PROGRESS.size * 64)
+        self.progress = progress if progress is not None else mmap.mmap(-1, PROGRESS.size * 64)
         self.sock = sock
         self.make_fs = make_fs
         self.mem = GuestMemory()
@@ -249,7 +249,7 @@ class Worker:
         assert self.dispatcher is not None
         handle = self.dispatcher.handle
         mem = self.mem
-        progress, slot = self.progress, _PROGRESS.size * q.index
+        progress, slot = self.progress, PROGRESS.size * q.index
         clock = time.perf_counter_ns
         counters = ring.counters
         values, hist = counters.values, counters.hist
@@ -419,7 +419,7 @@ class Worker:
             for fd in fds:
                 _close(fd)
             raise
-        _pack_progress(self.progress, _PROGRESS.size * index, q.last_avail_idx)
+        _pack_progress(self.progress, PROGRESS.size * index, q.last_avail_idx)
         os.set_blocking(kick_fd, False)
         ring = Ring(q, kick_fd, call_fd, enabled, QueueCounters(self.stats_page, index))
         if recover:
