@@ -59,6 +59,21 @@ class Daemon:
                              text=True)
         return [int(p) for p in out.stdout.split()]
 
+    def named_children(self) -> dict[str, int]:
+        """comm -> pid of the live children (shardfs-w0, shardfs-coord, shardfs-locks...)."""
+        out = {}
+        for pid in self.children():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    out[f.read().strip()] = pid
+            except FileNotFoundError:
+                continue  # it exited since pgrep saw it
+        return out
+
+    def child(self, comm: str) -> int:
+        """The pid of the child named ``comm``; KeyError if there is none."""
+        return self.named_children()[comm]
+
     def stop(self) -> int | None:
         rc = process.stop(self.proc)
         self.log.close()

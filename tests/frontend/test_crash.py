@@ -25,15 +25,7 @@ DEADLINE_S = 30.0
 
 
 def _workers(d: Daemon) -> dict[str, int]:
-    out = {}
-    for pid in d.children():
-        try:
-            name = open(f"/proc/{pid}/comm").read().strip()
-        except FileNotFoundError:
-            continue
-        if name.startswith("shardfs-w"):
-            out[name] = pid
-    return out
+    return {n: p for n, p in d.named_children().items() if n.startswith("shardfs-w")}
 
 
 def _wait_for(pred, what: str) -> float:  # type: ignore[no-untyped-def]

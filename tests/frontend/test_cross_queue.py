@@ -34,12 +34,8 @@ def two(tmp_path: Path) -> Iterator[tuple[Daemon, Frontend, FuseClient, FuseClie
 
 
 def _worker_fds(d: Daemon) -> dict[str, int]:
-    out = {}
-    for pid in d.children():
-        name = open(f"/proc/{pid}/comm").read().strip()
-        if name.startswith("shardfs-w"):
-            out[name] = len(os.listdir(f"/proc/{pid}/fd"))
-    return out
+    return {n: len(os.listdir(f"/proc/{p}/fd")) for n, p in d.named_children().items()
+            if n.startswith("shardfs-w")}
 
 
 def _getattr(c: FuseClient, nodeid: int) -> int:

@@ -95,16 +95,6 @@ def stats(d: Daemon) -> dict[str, Any]:
     return dict(json.loads(stats_text(d, "json")))
 
 
-def child_pid(d: Daemon, comm: str) -> int:
-    for pid in d.children():
-        try:
-            if open(f"/proc/{pid}/comm").read().strip() == comm:
-                return pid
-        except FileNotFoundError:
-            pass
-    raise LookupError(comm)
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -425,12 +415,12 @@ def test_killed_coordinator_is_restarted_with_a_clean_window(dd: Daemon,
     nodeid = c.lookup(1, b"f")[0]
     fh = c.open(nodeid)
     assert setupmapping(c, nodeid, fh, 0, CHUNK, 0) == 0
-    old = child_pid(dd, "shardfs-coord")
+    old = dd.child("shardfs-coord")
     os.kill(old, signal.SIGKILL)
     # The new coordinator unmaps the whole window before it serves anyone.
     fe.srv.wait_for(unmapped(0, WINDOW))
     assert fe.win.is_reserved(0, WINDOW)
-    assert child_pid(dd, "shardfs-coord") != old
+    assert dd.child("shardfs-coord") != old
     snap = stats(dd)
     assert snap["coordinator_restarts"] == 1 and snap["dax"]["mappings"] == 0
     assert snap["dax"]["restarts"] == 1
@@ -447,7 +437,7 @@ def test_killed_worker_leaves_consistent_dax_state(dd: Daemon, fe: DaxFrontend) 
     nodeid = c.lookup(1, b"f")[0]
     fh = c.open(nodeid)
     assert setupmapping(c, nodeid, fh, 0, CHUNK, 0) == 0
-    os.kill(child_pid(dd, "shardfs-w0"), signal.SIGKILL)
+    os.kill(dd.child("shardfs-w0"), signal.SIGKILL)
     # The fh is still open (shared state), so its mapping rightly stays; the
     # replacement worker has a new link and RELEASE through it unmaps.
     assert fe.win.read(0, 1) == b"w"
@@ -476,7 +466,7 @@ def test_no_fd_leaks_in_any_process(dd: Daemon, fe: DaxFrontend) -> None:
             assert removemapping(c, [(0, 4 * CHUNK)]) == 0
 
     cycle(0)
-    pids = {n: child_pid(dd, n) for n in ("shardfs-coord", "shardfs-w0", "shardfs-w1")}
+    pids = {n: dd.child(n) for n in ("shardfs-coord", "shardfs-w0", "shardfs-w1")}
     before = {n: fd_count(p) for n, p in pids.items()}
     mine = len(os.listdir("/proc/self/fd"))
     for i in range(1, 41):

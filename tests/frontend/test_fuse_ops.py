@@ -141,8 +141,7 @@ def test_statfs_fsync_fallocate_lseek(daemon: Daemon, fuse: FuseClient) -> None:
 
 
 def test_fd_count_stable_after_churn(daemon: Daemon, fuse: FuseClient) -> None:
-    worker = [k for k in daemon.children()
-              if open(f"/proc/{k}/comm").read().strip() == "shardfs-w0"][0]
+    worker = daemon.child("shardfs-w0")
     before = len(os.listdir(f"/proc/{worker}/fd"))
     for i in range(100):
         e, fh = fuse.create(1, f"c{i}".encode())

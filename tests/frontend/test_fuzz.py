@@ -33,8 +33,7 @@ def _fds(pid: int) -> int:
 
 def _tree_fds(d: Daemon) -> dict[str, int]:
     out = {"supervisor": _fds(d.proc.pid)}
-    for pid in d.children():
-        out[open(f"/proc/{pid}/comm").read().strip()] = _fds(pid)
+    out.update({n: _fds(p) for n, p in d.named_children().items()})
     return out
 
 
@@ -70,8 +69,7 @@ def test_fuse_request_fuzz(daemon: Daemon) -> None:
     (daemon.shared / "file").write_bytes(b"0123456789" * 100)
     (daemon.shared / "dir").mkdir()
     base_fds = _tree_fds(daemon)
-    base_rss = _rss(next(p for p in daemon.children()
-                         if open(f"/proc/{p}/comm").read().strip() == "shardfs-w0"))
+    base_rss = _rss(daemon.child("shardfs-w0"))
     names = [b"file", b"dir", b"new", b"n2", b"link"]
     nodeids = [1, 2, 3, 4, 5, 1 << 32 | 2, (1 << 64) - 1, 0]
     opcodes = [int(o) for o in Op if o not in (Op.FUSE_INIT, Op.FUSE_DESTROY)] + [0, 7, 19, 99,
@@ -104,8 +102,7 @@ def test_fuse_request_fuzz(daemon: Daemon) -> None:
     c.ok(Op.FUSE_DESTROY)  # drop every node and handle the fuzz created
     c.init()
     assert _tree_fds(daemon) == base_fds
-    worker = next(p for p in daemon.children()
-                  if open(f"/proc/{p}/comm").read().strip() == "shardfs-w0")
+    worker = daemon.child("shardfs-w0")
     assert _rss(worker) < base_rss + (64 << 20)
     fe.close()
 

@@ -127,6 +127,15 @@ class Async:
             except BlockingIOError:
                 pass
 
+    def park_setlkw(self, nid: int, fh: int, owner: int, typ: int) -> int:
+        """Send a SETLKW of the whole file that must wait; return its unique once it
+        is parked (a GETATTR sent after it on this queue has been answered)."""
+        _, waiting = self.submit(Op.FUSE_SETLKW, nid, lk_in(fh, owner, 0, 0, typ))
+        self.submit(Op.FUSE_GETATTR, nid, F.fuse_getattr_in.pack(0, 0, 0))
+        (unique, error, _), = self.wait()
+        assert unique != waiting and error == 0
+        return waiting
+
     def wait(self, n: int = 1) -> list[tuple[int, int, bytes]]:
         """(unique, error, data) of the next ``n`` chains returned, in used-ring order."""
         got = []
@@ -375,13 +384,8 @@ def test_worker_crash_keeps_locks_and_answers_its_parked_wait(tmp_path: Path) ->
         nid, fh, hostfd = make_file(c, d.shared, b"crash")
         assert setlk(c, nid, fh, 1, 0, 9, WR) == 0
         a = Async(fe, 1)
-        _, waiting = a.submit(Op.FUSE_SETLKW, nid, lk_in(fh, 2, 0, 0, WR))
-        # Once the wait is parked (a later request on the queue has been answered)...
-        a.submit(Op.FUSE_GETATTR, nid, F.fuse_getattr_in.pack(0, 0, 0))
-        (u, e, _), = a.wait()
-        assert u != waiting and e == 0
-        worker = next(p for p in d.children()
-                      if open(f"/proc/{p}/comm").read().strip() == "shardfs-w0")
+        waiting = a.park_setlkw(nid, fh, 2, WR)
+        worker = d.child("shardfs-w0")
         os.kill(worker, signal.SIGKILL)
         (unique, error, _), = a.wait()  # the replacement answers the parked chain
         assert unique == waiting and error in (-errno.EIO, -errno.EINTR)
@@ -420,12 +424,8 @@ def test_lock_process_death_fails_locks_loudly_and_nothing_else(tmp_path: Path) 
         nid, fh, hostfd = make_file(c, d.shared, b"orphan")
         assert setlk(c, nid, fh, 1, 0, 0, WR) == 0
         a = Async(fe, 1)
-        _, waiting = a.submit(Op.FUSE_SETLKW, nid, lk_in(fh, 2, 0, 0, WR))
-        a.submit(Op.FUSE_GETATTR, nid, F.fuse_getattr_in.pack(0, 0, 0))
-        (u, e, _), = a.wait()
-        assert u != waiting and e == 0  # the wait is parked
-        locker = next(p for p in d.children()
-                      if open(f"/proc/{p}/comm").read().strip() == "shardfs-locks")
+        waiting = a.park_setlkw(nid, fh, 2, WR)
+        locker = d.child("shardfs-locks")
         os.kill(locker, signal.SIGKILL)
         (unique, error, _), = a.wait()
         assert (unique, error) == (waiting, -errno.ENOLCK)

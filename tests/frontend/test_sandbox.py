@@ -28,18 +28,6 @@ KEEP = caps.mask(caps.PASSTHROUGH_CAPS)
 INIT_FLAGS = 0xFFFF_FFFF & ~F.FUSE_SETXATTR_EXT
 
 
-def children(d: Daemon) -> dict[str, int]:
-    """comm -> pid of the daemon's children (shardfs-coord, shardfs-w0, ...)."""
-    out = {}
-    for pid in d.children():
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                out[f.read().strip()] = pid
-        except FileNotFoundError:
-            continue
-    return out
-
-
 def status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
@@ -75,7 +63,7 @@ def test_default_sandbox_confines_every_child(dax_daemon: Daemon) -> None:
     daemon = dax_daemon
     fe = daemon.frontend().start()
     FuseClient(fe).init()
-    kids = children(daemon)
+    kids = daemon.named_children()
     assert {"shardfs-coord", "shardfs-w0"} <= set(kids), kids
     sup = daemon.proc.pid
     for name, pid in kids.items():
@@ -123,7 +111,7 @@ def test_sandboxed_worker_serves_data_and_xattrs(tmp_path: Path) -> None:
                 Op.FUSE_MKDIR, 1, F.fuse_mkdir_in.pack(0o755, 0) + b"owned\0",
                 uid=1000, gid=1000))
             assert e2[0]
-        kids = children(d)
+        kids = d.named_children()
         assert len([k for k in kids if k.startswith("shardfs-w")]) == 2
     finally:
         assert d.stop() == 0
@@ -139,7 +127,7 @@ def test_sandboxed_worker_serves_data_and_xattrs(tmp_path: Path) -> None:
 def test_sandbox_none_leaves_children_as_they_were(tmp_path: Path) -> None:
     d = Daemon(tmp_path, "--sandbox", "none", "--seccomp", "none")
     try:
-        for name, pid in children(d).items():
+        for name, pid in d.named_children().items():
             assert same_inode(f"/proc/{pid}/root", "/"), name
             assert ns(pid, "mnt") == ns(os.getpid(), "mnt")
             assert status(pid)["Seccomp"] == "0"
@@ -152,7 +140,7 @@ def test_sandbox_chroot_roots_children_in_the_share(tmp_path: Path) -> None:
     d = Daemon(tmp_path, "--sandbox", "chroot", "--xattr", "false", "--seccomp", "log")
     try:
         (d.shared / "visible").write_text("x")
-        for name, pid in children(d).items():
+        for name, pid in d.named_children().items():
             assert same_inode(f"/proc/{pid}/root", d.shared), name
             assert_confined_caps(pid)
             assert ns(pid, "mnt") == ns(os.getpid(), "mnt")

@@ -21,9 +21,7 @@ ROUNDS = int(os.environ.get("SHARDFS_SOAK_ROUNDS", "8000"))
 
 
 def _profile(d: Daemon) -> tuple[int, dict[str, int], dict[str, int]]:
-    procs = {"supervisor": d.proc.pid}
-    for pid in d.children():
-        procs[open(f"/proc/{pid}/comm").read().strip()] = pid
+    procs = {"supervisor": d.proc.pid, **d.named_children()}
     fds = {n: len(os.listdir(f"/proc/{p}/fd")) for n, p in procs.items()}
     rss = {}
     for n, p in procs.items():
