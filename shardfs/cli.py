@@ -4,33 +4,26 @@ The options are virtiofsd 1.13's, with its syntax and defaults, plus
 shardfs's own (:mod:`shardfs.compat` parses them and says how they combine
 with a config file).  ``--print-capabilities`` prints the vhost-user
 backend JSON that libvirt reads, then exits; ``shardfs stats`` reads a
-running daemon's counters.
+running daemon's counters.  Serving happens in :mod:`shardfs.proc.daemon`,
+which a program run execs into, so that this module's imports (argparse,
+the option tables) are not part of the daemon's memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from collections.abc import Callable
 
 from shardfs.compat import CommandLineError, parse_command_line
 from shardfs.config import Config, ConfigError, default_stats_socket, load
-from shardfs.proc.limits import apply_rlimit_nofile
 
 #: What ``--print-capabilities`` says (docs/interop/vhost-user.json, "fs"
 #: features).  "separate-options" makes libvirt pass virtiofsd's modern
 #: options rather than the C daemon's ``-o`` list; "migrate-precopy": live
 #: migration with the state in QEMU's stream (README "Migration"), as virtiofsd.
 CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
-#: Python logging levels for virtiofsd's names; "off" is above every level.
-_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
-               "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG,
-               "off": logging.CRITICAL + 10}
-#: The syslog socket; the environment override exists for tests.
-SYSLOG_SOCKET = os.environ.get("SHARDFS_SYSLOG_SOCKET", "/dev/log")
 
 
 def check_fs_options(cfg: Config) -> None:
@@ -48,22 +41,6 @@ def check_fs_options(cfg: Config) -> None:
                 parse(value)
             except ValueError as e:
                 raise ConfigError(f"config: {name}: {e}") from None
-
-
-def setup_logging(level: str, target: str) -> None:
-    """Log to stderr (timestamps, process) or to syslog (the daemon facility)."""
-    if target == "syslog":
-        from logging.handlers import SysLogHandler
-
-        handler: logging.Handler = SysLogHandler(address=SYSLOG_SOCKET,
-                                                 facility=SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter(
-            "shardfs[%(process)d]: %(processName)s %(levelname)s %(name)s: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(processName)s[%(process)d] %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=_LOG_LEVELS[level], handlers=[handler])
 
 
 def stats_main(argv: list[str]) -> int:
@@ -111,7 +88,14 @@ def stats_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exec_daemon: bool | None = None) -> int:
+    """Parse and check the command line; then serve, print, or exit with 2.
+
+    Run as a program (``argv`` None) this process then becomes the daemon
+    image (:mod:`shardfs.proc.daemon`: the parser's modules are left behind);
+    with an explicit ``argv`` it serves in-process unless ``exec_daemon``.
+    """
+    run_as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stats"]:
         return stats_main(argv[1:])
@@ -138,43 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"shardfs: {e}", file=sys.stderr)
         return 2
-    no_syslog = cfg.log_target == "syslog" and not os.path.exists(SYSLOG_SOCKET)
-    if no_syslog:
-        # virtiofsd serves on when there is no syslog daemon (launchers pass --syslog
-        # on hosts and in sandboxes without one): so do we, logging to stderr.
-        cfg.log_target = "stderr"
-    setup_logging(cfg.log_level, cfg.log_target)
-    log = logging.getLogger("shardfs")
-    if no_syslog:
-        log.warning("log_target: syslog, but %s does not exist: logging to stderr",
-                    SYSLOG_SOCKET)
-    for note in cl.notes:
-        log.info("%s", note)
-    try:
-        apply_rlimit_nofile(cfg.rlimit_nofile)
-    except OSError as e:
-        print(f"shardfs: rlimit_nofile: {e.strerror or e}", file=sys.stderr)
-        return 2
-    if not os.path.isdir(cfg.shared_dir):
-        os.makedirs(cfg.shared_dir, exist_ok=True)
-        log.info("created shared dir %s", cfg.shared_dir)
-    from shardfs.proc.pidfile import release_pid_file, take_pid_file
-    from shardfs.proc.sockets import open_listener
-    from shardfs.proc.supervisor import Supervisor
+    from shardfs.proc import daemon
 
-    pid_fd = None
-    try:
+    if exec_daemon is None:
+        exec_daemon = run_as_program
+    if exec_daemon:
         try:
-            if cfg.socket_path is not None:
-                pid_fd = take_pid_file(cfg.socket_path)  # before the bind: never steal a socket
-            listener = open_listener(cfg)
-        except OSError as e:
-            print(f"shardfs: socket_path: {e.strerror or e}", file=sys.stderr)
-            return 1
-        return Supervisor(cfg).run(listener)
-    finally:
-        if pid_fd is not None:
-            release_pid_file(cfg.socket_path or "", pid_fd)
+            daemon.exec_serve(cfg, cl.notes, argv)
+        except OSError as e:  # no usable sys.executable: serve from this image
+            print(f"shardfs: cannot start the daemon image ({e.strerror or e}); "
+                  "serving from the parser's", file=sys.stderr)
+    return daemon.serve(cfg, cl.notes)
 
 
 if __name__ == "__main__":

@@ -35,20 +35,22 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardfs.config import Config
 from shardfs.fs.api import FileSystem
 from shardfs.fs.build import build_fs
 from shardfs.fs.passthrough.mounts import submount_fds
 from shardfs.fs.passthrough.shared import SharedState
-from shardfs.proc.coordinator import Coordinator, DaxSetup
-from shardfs.proc.dax import DaxClient, DaxShared, Geometry
-from shardfs.proc.locks import lock_process_body
 from shardfs.proc.spawn import ForkedProcess
 from shardfs.proc.worker import Worker
 from shardfs.sandbox import SandboxPolicy, confine
 from shardfs.sandbox.seccomp import ALLOWED_SYSCALLS
+
+if TYPE_CHECKING:
+    # Imported where used: the supervisor loads them before forking, and only
+    # when DAX or host locks are configured (proc.supervisor).
+    from shardfs.proc.dax import DaxShared
 
 # The supervisor's logger: the line it logs is the one the supervisor logged.
 log = logging.getLogger("shardfs.supervisor")
@@ -124,8 +126,11 @@ def _run_worker(sock: socket.socket, cfg: Config, wid: int, shared: SharedState,
         return confine(SandboxPolicy(cfg.sandbox, cfg.seccomp, cfg.modcaps),
                        cfg.shared_dir, open_fs)
 
-    dax = (DaxClient(Geometry(cfg.dax_window), dax_shared)
-           if dax_shared is not None else None)
+    dax = None
+    if dax_shared is not None:
+        from shardfs.proc.dax import DaxClient, Geometry
+
+        dax = DaxClient(Geometry(cfg.dax_window), dax_shared)
     Worker(wid, sock, make_fs, progress, stats_page, cfg.poll_us, dax=dax).run()
 
 
@@ -137,6 +142,9 @@ def fork_coordinator(cfg: Config, shared: SharedState, dax_shared: DaxShared | N
 
 def _run_coordinator(sock: socket.socket, cfg: Config, state: SharedState,
                      counters: DaxShared | None) -> None:
+    from shardfs.proc.coordinator import Coordinator, DaxSetup
+    from shardfs.proc.dax import Geometry
+
     def open_share(path: str) -> int | None:
         # With DAX it opens files by file handle, which needs an fd on the share.
         if counters is None:
@@ -159,6 +167,8 @@ def _run_coordinator(sock: socket.socket, cfg: Config, state: SharedState,
 
 def fork_locks(cfg: Config) -> Child:
     """The lock process (:mod:`shardfs.proc.locks`)."""
+    from shardfs.proc.locks import lock_process_body
+
     policy = SandboxPolicy(cfg.sandbox, cfg.seccomp, cfg.modcaps)
     shared_dir = cfg.shared_dir
     return _fork("lock process", "shardfs-locks",

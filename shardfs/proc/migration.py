@@ -40,20 +40,16 @@ import time
 from typing import Any
 
 from shardfs.abi import vhost_user as vu
-from shardfs.codec.devstate import MAX_STATE_BYTES, MODES, StateError, decode, encode
 from shardfs.codec.vhost_user import Device, ProtocolError
 from shardfs.config import Config
-from shardfs.fs.passthrough.migrate import (
-    MigrationError,
-    Share,
-    apply_import,
-    collect_paths,
-    export_state,
-    plan_import,
-)
-from shardfs.fs.passthrough.session import InitOptions, wanted_flags
 from shardfs.fs.passthrough.shared import SharedState
 from shardfs.virtq.dirtylog import MAX_LOG_BYTES
+
+# The state codec (shardfs.codec.devstate) and the passthrough's export and
+# import (shardfs.fs.passthrough.migrate) are imported by the methods that
+# use them, at the first save or load: a daemon that never migrates does not
+# carry them (about 0.4 MB).  Their errors reach MigrationDevice as
+# StateRefused.
 
 log = logging.getLogger("shardfs.migration")
 
@@ -61,10 +57,18 @@ log = logging.getLogger("shardfs.migration")
 _CHUNK = 1 << 20
 
 
+class StateRefused(Exception):
+    """A state that cannot be saved or loaded: the codec's StateError or the
+    passthrough's MigrationError, with its message."""
+
+
 class Transfer:
     """One SET_DEVICE_STATE_FD: a thread moving bytes, and its outcome."""
 
     def __init__(self, direction: int, fd: int, data: bytes = b"") -> None:
+        from shardfs.abi.devstate import MAX_STATE_BYTES
+
+        self.limit = MAX_STATE_BYTES
         self.direction = direction
         self.fd = fd
         self.data = data
@@ -86,8 +90,8 @@ class Transfer:
                     if not chunk:
                         break
                     self.received += chunk
-                    if len(self.received) > MAX_STATE_BYTES:
-                        self.error = f"the state stream exceeds {MAX_STATE_BYTES} bytes"
+                    if len(self.received) > self.limit:
+                        self.error = f"the state stream exceeds {self.limit} bytes"
                         break
         except OSError as e:
             self.error = f"state pipe: {e.strerror}"
@@ -122,6 +126,7 @@ class Migration:
         if self.cfg.migration_mode != "find-paths" or self.premigration is not None:
             return
         self.known_paths = {}
+        from shardfs.fs.passthrough.migrate import Share, collect_paths
 
         def run() -> None:
             t0 = time.perf_counter()
@@ -168,14 +173,22 @@ class Migration:
     def save(self, fd: int) -> None:
         """Encode the state and start writing it into ``fd`` (which this owns in
         every outcome: handed to the writer thread, or closed on failure)."""
+        from shardfs.fs.passthrough.migrate import MigrationError
+
         try:
             data = self._encode_state()
+        except MigrationError as e:
+            os.close(fd)
+            raise StateRefused(str(e)) from None
         except BaseException:
             os.close(fd)
             raise
         self.transfer = Transfer(vu.VHOST_TRANSFER_STATE_DIRECTION_SAVE, fd, data)
 
     def _encode_state(self) -> bytes:
+        from shardfs.codec.devstate import MODES, encode
+        from shardfs.fs.passthrough.migrate import Share, export_state
+
         t0 = time.perf_counter()
         known = self.end_premigration()
         share = Share.open(self.cfg.shared_dir)
@@ -204,16 +217,22 @@ class Migration:
     # -- load -----------------------------------------------------------------------
 
     def load(self, data: bytes) -> None:
-        """Decode, check and apply; MigrationError/StateError leave the arena untouched."""
+        """Decode, check and apply; StateRefused leaves the arena untouched."""
+        from shardfs.codec.devstate import StateError, decode
+        from shardfs.fs.passthrough.migrate import MigrationError, Share, apply_import, plan_import
+
         t0 = time.perf_counter()
         s = self.shared
-        state = decode(data, s.cap_nodes - 2, s.cap_handles - 1)
-        self._check_init(state.init_flags)
-        share = Share.open(self.cfg.shared_dir)
         try:
-            plan = plan_import(state, share, self.cfg.migration_on_error)
-        finally:
-            share.close()
+            state = decode(data, s.cap_nodes - 2, s.cap_handles - 1)
+            self._check_init(state.init_flags)
+            share = Share.open(self.cfg.shared_dir)
+            try:
+                plan = plan_import(state, share, self.cfg.migration_on_error)
+            finally:
+                share.close()
+        except (StateError, MigrationError) as e:
+            raise StateRefused(str(e)) from None
         for why in plan.lost:
             log.error("migration: lost %s; the guest gets errors on it "
                       "(--migration-on-error guest-error)", why)
@@ -228,6 +247,9 @@ class Migration:
     def _check_init(self, flags: int) -> None:
         """The source's session must be one this daemon's options would have
         negotiated (virtiofsd's ``NegotiatedOpts``: writeback, ACLs, ...)."""
+        from shardfs.fs.passthrough.migrate import MigrationError
+        from shardfs.fs.passthrough.session import InitOptions, wanted_flags
+
         cfg = self.cfg
         opts = InitOptions(writeback=cfg.writeback, killpriv_v2=cfg.killpriv_v2,
                            posix_acl=cfg.posix_acl, security_label=cfg.security_label,
@@ -328,7 +350,7 @@ class MigrationDevice(Device):
                 m.save(fd)
             except OSError as e:
                 raise ProtocolError(f"cannot save the device state: {e.strerror or e}") from None
-            except (ValueError, MigrationError) as e:
+            except (ValueError, StateRefused) as e:
                 raise ProtocolError(f"cannot save the device state: {e}") from None
         else:
             m.transfer = Transfer(direction, fd)
@@ -348,7 +370,7 @@ class MigrationDevice(Device):
             return True
         try:
             m.load(bytes(t.received))
-        except (StateError, MigrationError) as e:
+        except StateRefused as e:
             log.error("migration: cannot load the device state: %s", e)
             return False
         except OSError as e:

@@ -31,7 +31,7 @@ import os
 import select
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardfs.abi import vhost_user as vu
 from shardfs.codec.vhost_user import (
@@ -46,16 +46,15 @@ from shardfs.fs.passthrough.fs import fd_budgets
 from shardfs.fs.passthrough.shared import SharedState
 from shardfs.proc import control
 from shardfs.proc.children import Child, fork_coordinator, fork_locks, fork_worker
-from shardfs.proc.coordinator import attach_worker
-from shardfs.proc.dax import DaxShared
 from shardfs.proc.device import WorkerDevice, session_config
-from shardfs.proc.locks import attach_worker as attach_locks
-from shardfs.proc.locks import init_flags as lock_init_flags
 from shardfs.proc.migration import Migration
 from shardfs.proc.sockets import open_status_socket, recv_exact
 from shardfs.proc.stats import create_page, encode, process_info, read_page
 from shardfs.proc.worker import PROGRESS, set_process_name
 from shardfs.sandbox import SandboxPolicy, enter_user_namespace, isolate_daemon
+
+if TYPE_CHECKING:
+    from shardfs.proc.dax import DaxShared
 
 log = logging.getLogger("shardfs.supervisor")
 
@@ -78,7 +77,20 @@ class Supervisor:
                                   mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.stats_page = create_page(1 + cfg.num_request_queues)
         # The DAX coordinator's counters (mapping count included), seen by all.
-        self.dax_shared = DaxShared() if cfg.dax_window else None
+        self.dax_shared: DaxShared | None = None
+        if cfg.dax_window:
+            # DAX and host locks are imported only when configured, and before
+            # any fork, so that the children share the modules' pages: a
+            # daemon without them does not carry them (about 0.5 MB).
+            from shardfs.proc import coordinator, dax
+
+            self.dax_shared = dax.DaxShared()
+            self._attach_dax = coordinator.attach_worker
+        if cfg.lock_kinds():
+            from shardfs.proc import locks
+
+            self._attach_locks = locks.attach_worker
+            self._lock_flags = locks.init_flags(cfg.lock_kinds())
         self.coordinator_restarts = 0
         self.status: socket.socket | None = None
         self.device: WorkerDevice | None = None
@@ -97,8 +109,8 @@ class Supervisor:
         if self.lock_proc is None:
             return
         try:
-            attach_locks(self.lock_proc.sock, self.workers[wid].sock, wid,
-                         lock_init_flags(self.cfg.lock_kinds()))
+            self._attach_locks(self.lock_proc.sock, self.workers[wid].sock, wid,
+                               self._lock_flags)
         except (OSError, control.ControlError) as e:
             log.error("cannot link worker %d to the lock process: %s", wid, e)
 
@@ -162,7 +174,7 @@ class Supervisor:
         if self.dax_shared is None or self.coordinator is None:
             return
         try:
-            attach_worker(self.coordinator.sock, self.workers[wid].sock, wid)
+            self._attach_dax(self.coordinator.sock, self.workers[wid].sock, wid)
         except (OSError, control.ControlError) as e:
             log.error("cannot link worker %d to the DAX coordinator: %s", wid, e)
 

@@ -30,12 +30,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardfs.dispatch import PENDING, Dispatcher
 from shardfs.fs.api import FileSystem
 from shardfs.proc import control
-from shardfs.proc.dax import DaxClient
 from shardfs.proc.lockclient import LockClient, in_flight_heads
 from shardfs.proc.pressure import CpuPressure
 from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, create_page
@@ -43,6 +42,9 @@ from shardfs.sandbox.userns import may_setgroups
 from shardfs.virtq.dirtylog import DirtyLog, LogState
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.split import QueueError, SplitQueue
+
+if TYPE_CHECKING:
+    from shardfs.proc.dax import DaxClient
 
 log = logging.getLogger("shardfs.worker")
 

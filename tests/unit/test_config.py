@@ -19,6 +19,7 @@ from shardfs.config import (
     ConfigError,
     load,
 )
+from shardfs.proc import daemon
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,7 +199,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(sup, "Supervisor", FakeSupervisor)
     # The limit is the daemon's, not this test process's (tests/unit/test_limits.py).
-    monkeypatch.setattr(cli, "apply_rlimit_nofile",
+    monkeypatch.setattr(daemon, "apply_rlimit_nofile",
                         lambda n: seen.setdefault("rlimit_nofile", n) or 0)
     monkeypatch.setattr(sockets, "open_listener", lambda cfg: "listener")
     return seen
