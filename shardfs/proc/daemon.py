@@ -159,14 +159,17 @@ def interpreter_flags() -> list[str]:
     """The flags this interpreter was started with that the next image must keep.
 
     ``-O``/``-OO`` matters most (``scripts/shardfs`` runs ``-OO`` to keep
-    docstrings out of memory); ``-B``, ``-s``, ``-E``, ``-X`` and ``-W``
-    keep the daemon's import and warning behaviour what the caller chose.
+    docstrings out of memory).  ``-I``, ``-P``, ``-E``, ``-s`` and ``-S``
+    keep the import path as safe as the caller made it (``-m`` would
+    otherwise put the working directory first); ``-B``, ``-X`` and ``-W``
+    keep the rest of what the caller chose.
     """
     flags = []
     if sys.flags.optimize:
         flags.append("-" + "O" * sys.flags.optimize)
-    for flag, on in (("-B", sys.flags.dont_write_bytecode), ("-s", sys.flags.no_user_site),
-                     ("-E", sys.flags.ignore_environment)):
+    for flag, on in (("-I", sys.flags.isolated), ("-P", sys.flags.safe_path),
+                     ("-E", sys.flags.ignore_environment), ("-s", sys.flags.no_user_site),
+                     ("-S", sys.flags.no_site), ("-B", sys.flags.dont_write_bytecode)):
         if on:
             flags.append(flag)
     for key, value in sys._xoptions.items():

@@ -77,12 +77,14 @@ def test_daemon_image_without_a_hand_over_exits_2_with_one_line() -> None:
 
 
 def test_interpreter_flags_carry_over() -> None:
-    r = subprocess.run([sys.executable, "-OO", "-X", "dev", "-W", "ignore::DeprecationWarning",
-                        "-c", "from shardfs.proc.daemon import interpreter_flags; "
+    r = subprocess.run([sys.executable, "-OO", "-P", "-X", "dev",
+                        "-W", "ignore::DeprecationWarning", "-c",
+                        "from shardfs.proc.daemon import interpreter_flags; "
                         "print(' '.join(interpreter_flags()))"],
                        capture_output=True, text=True, check=True, timeout=60)
     flags = r.stdout.split()
     assert flags[0] == "-OO"
+    assert "-P" in flags  # -m would otherwise import from the working directory
     assert flags[flags.index("-X") + 1] == "dev"
     assert "ignore::DeprecationWarning" in flags
 
