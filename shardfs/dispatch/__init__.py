@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
@@ -248,8 +247,8 @@ class Dispatcher:
     def _context(self, key: tuple[int, int, int]) -> Context:
         """The (frozen, shareable) Context for ``key``, kept for the next request.
 
-        Building a frozen dataclass costs about a microsecond; a guest has
-        few distinct callers, so most requests find theirs here.
+        Building one costs about 0.4 us (a NamedTuple); a guest has few
+        distinct callers, so most requests find theirs here.
         """
         if len(self._contexts) >= MAX_CACHED_CONTEXTS:
             self._contexts.clear()
@@ -523,7 +522,7 @@ class Dispatcher:
             pos += size
         if not groups and not secctx:
             return ctx
-        return replace(ctx, supp_groups=groups, secctx=secctx)
+        return ctx._replace(supp_groups=groups, secctx=secctx)
 
     def op_read(self, ctx: Context, nodeid: int, r: ChainReader, w: ChainWriter) -> int:
         fh, offset, size, _rflags, _owner, _flags, _ = r.read_struct(F.fuse_read_in)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
@@ -61,17 +60,26 @@ class Malformed(Exception):
     """The guest's request does not follow the FUSE ABI."""
 
 
-@dataclass
 class Stats:
     """Counters a worker exports; plain ints, updated on the hot path."""
 
-    requests: int = 0
-    errors: int = 0
-    malformed: int = 0
-    dropped: int = 0
-    bugs: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
+    requests: int
+    errors: int
+    malformed: int
+    dropped: int
+    bugs: int
+    bytes_read: int
+    bytes_written: int
+
+    def __init__(self, requests: int = 0, errors: int = 0, malformed: int = 0, dropped: int = 0,
+                 bugs: int = 0, bytes_read: int = 0, bytes_written: int = 0) -> None:
+        self.requests = requests
+        self.errors = errors
+        self.malformed = malformed
+        self.dropped = dropped
+        self.bugs = bugs
+        self.bytes_read = bytes_read
+        self.bytes_written = bytes_written
 
 
 def encode_dev(rdev: int) -> int:

@@ -25,8 +25,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 NodeId = NewType("NodeId", int)
 FileHandle = NewType("FileHandle", int)
@@ -40,16 +39,14 @@ class FsError(Exception):
         self.errno = err
 
 
-@dataclass(slots=True, frozen=True)
-class SecContext:
+class SecContext(NamedTuple):
     """A security label for a new inode (FUSE_SECURITY_CTX): xattr name and value."""
 
     name: bytes
     value: bytes
 
 
-@dataclass(slots=True, frozen=True)
-class Context:
+class Context(NamedTuple):
     """Who asked: the caller's ids from ``fuse_in_header``.
 
     The request extensions of creating ops add to it: ``supp_groups`` is the
@@ -66,9 +63,11 @@ class Context:
     secctx: tuple[SecContext, ...] = ()
 
 
-@dataclass(slots=True)
 class Entry:
     """A looked-up node.  Returning one adds 1 to its lookup count."""
+
+    __slots__ = ("nodeid", "generation", "attr", "entry_timeout_s", "attr_timeout_s",
+                 "attr_flags")
 
     nodeid: int
     generation: int
@@ -76,10 +75,18 @@ class Entry:
     entry_timeout_s: float
     attr_timeout_s: float
     #: ``fuse_attr.flags``: FUSE_ATTR_SUBMOUNT on a directory that is another mount.
-    attr_flags: int = 0
+    attr_flags: int
+
+    def __init__(self, nodeid: int, generation: int, attr: os.stat_result,
+                 entry_timeout_s: float, attr_timeout_s: float, attr_flags: int = 0) -> None:
+        self.nodeid = nodeid
+        self.generation = generation
+        self.attr = attr
+        self.entry_timeout_s = entry_timeout_s
+        self.attr_timeout_s = attr_timeout_s
+        self.attr_flags = attr_flags
 
 
-@dataclass(slots=True)
 class Statx:
     """The result of STATX (statx(2)'s fields that ``fuse_statx`` carries).
 
@@ -87,6 +94,10 @@ class Statx:
     are (seconds, nanoseconds).  The host's device numbers are not part of
     it: the guest has its own.
     """
+
+    __slots__ = ("mask", "blksize", "attributes", "nlink", "uid", "gid", "mode", "ino", "size",
+                 "blocks", "attributes_mask", "atime", "btime", "ctime", "mtime", "rdev_major",
+                 "rdev_minor")
 
     mask: int
     blksize: int
@@ -106,20 +117,50 @@ class Statx:
     rdev_major: int
     rdev_minor: int
 
+    def __init__(self, mask: int, blksize: int, attributes: int, nlink: int, uid: int, gid: int,
+                 mode: int, ino: int, size: int, blocks: int, attributes_mask: int,
+                 atime: tuple[int, int], btime: tuple[int, int], ctime: tuple[int, int],
+                 mtime: tuple[int, int], rdev_major: int, rdev_minor: int) -> None:
+        self.mask = mask
+        self.blksize = blksize
+        self.attributes = attributes
+        self.nlink = nlink
+        self.uid = uid
+        self.gid = gid
+        self.mode = mode
+        self.ino = ino
+        self.size = size
+        self.blocks = blocks
+        self.attributes_mask = attributes_mask
+        self.atime = atime
+        self.btime = btime
+        self.ctime = ctime
+        self.mtime = mtime
+        self.rdev_major = rdev_major
+        self.rdev_minor = rdev_minor
 
-@dataclass(slots=True)
+
 class DirEntry:
     """One directory record.  ``offset`` is the cookie that resumes *after* it."""
+
+    __slots__ = ("ino", "offset", "type", "name")
 
     ino: int
     offset: int
     type: int  # DT_* value
     name: bytes
 
+    def __init__(self, ino: int, offset: int, type: int, name: bytes) -> None:
+        self.ino = ino
+        self.offset = offset
+        self.type = type
+        self.name = name
 
-@dataclass(slots=True)
+
 class SetattrIn:
     """The fields of ``fuse_setattr_in`` that ``valid`` (FATTR_*) selects."""
+
+    __slots__ = ("valid", "fh", "size", "atime_ns", "mtime_ns", "mode", "uid", "gid")
 
     valid: int
     fh: int
@@ -130,13 +171,29 @@ class SetattrIn:
     uid: int
     gid: int
 
+    def __init__(self, valid: int, fh: int, size: int, atime_ns: int, mtime_ns: int, mode: int,
+                 uid: int, gid: int) -> None:
+        self.valid = valid
+        self.fh = fh
+        self.size = size
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
 
-@dataclass(slots=True)
+
 class Opened:
     """The result of OPEN/OPENDIR/CREATE: a handle and FOPEN_* flags."""
 
+    __slots__ = ("fh", "open_flags")
+
     fh: int
     open_flags: int
+
+    def __init__(self, fh: int, open_flags: int) -> None:
+        self.fh = fh
+        self.open_flags = open_flags
 
 
 def check_name(name: bytes) -> bytes:

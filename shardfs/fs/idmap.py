@@ -34,7 +34,6 @@ import errno
 import os
 import re
 import struct
-from dataclasses import dataclass
 
 from shardfs.abi.fuse import FATTR_GID, FATTR_UID
 from shardfs.fs.api import Context, Entry, FileSystem, FsError, Opened, SetattrIn, Statx
@@ -53,15 +52,46 @@ ACL_USER, ACL_GROUP = 0x02, 0x08
 ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
-@dataclass(frozen=True, slots=True)
 class _Range:
     """``[start, start + count)`` maps to ``target + (id - start)``, or to
-    ``target`` when squashed; ``target`` None forbids the range."""
+    ``target`` when squashed; ``target`` None forbids the range.
+
+    Immutable.  Not a NamedTuple: ``in`` means "id in the range" here, and a
+    tuple's ``count`` method would be shadowed by the field.
+    """
+
+    __slots__ = ("start", "count", "target", "squash")
 
     start: int
     count: int
     target: int | None
-    squash: bool = False
+    squash: bool
+
+    def __init__(self, start: int, count: int, target: int | None, squash: bool = False) -> None:
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "squash", squash)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple[int, int, int | None, bool]:
+        return self.start, self.count, self.target, self.squash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Range):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "_Range(start={!r}, count={!r}, target={!r}, squash={!r})".format(*self._key())
 
     def __contains__(self, ident: object) -> bool:
         return isinstance(ident, int) and self.start <= ident < self.start + self.count

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from shardfs.fs.api import FsError
 
@@ -60,8 +60,7 @@ def from_flock(start: int, length: int) -> tuple[int, int]:
     return start, start + length - 1
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
+class Held(NamedTuple):
     """One range an owner holds: inclusive ``start..end``, F_RDLCK or F_WRLCK, guest pid."""
 
     start: int

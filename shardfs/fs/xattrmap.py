@@ -46,7 +46,7 @@ guest's security labels out of the host's way.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from shardfs.fs.api import FsError
 
@@ -54,8 +54,7 @@ KINDS = ("prefix", "ok", "bad", "unsupported")
 SCOPES = ("client", "server", "all")
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     kind: str
     client: bool
     server: bool

@@ -68,7 +68,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 
 from shardfs.abi import capability
@@ -79,9 +78,11 @@ from shardfs.fs.passthrough import sys as lsys
 KEEP_DAC_MASK = (1 << capability.CAP_DAC_OVERRIDE) | (1 << capability.CAP_DAC_READ_SEARCH)
 
 
-@dataclass(slots=True)
 class _Home:
     """The daemon's own ids and capabilities, read once."""
+
+    __slots__ = ("fsuid", "fsgid", "groups", "switched", "restore", "setid", "sure", "groups_ok",
+                 "root_uid_self", "root_gid_self")
 
     fsuid: int
     fsgid: int
@@ -102,6 +103,21 @@ class _Home:
     #: is served as the daemon's own uid (gid) (see the module doc).
     root_uid_self: bool
     root_gid_self: bool
+
+    def __init__(self, fsuid: int, fsgid: int, groups: list[int],
+                 switched: lsys.PreparedCaps | None, restore: lsys.PreparedCaps | None,
+                 setid: bool, sure: bool, groups_ok: bool, root_uid_self: bool,
+                 root_gid_self: bool) -> None:
+        self.fsuid = fsuid
+        self.fsgid = fsgid
+        self.groups = groups
+        self.switched = switched
+        self.restore = restore
+        self.setid = setid
+        self.sure = sure
+        self.groups_ok = groups_ok
+        self.root_uid_self = root_uid_self
+        self.root_gid_self = root_gid_self
 
 
 _home: _Home | None = None

@@ -21,8 +21,6 @@ The table is not thread-safe: one instance is driven by one thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 #: Open handles one table holds unless told otherwise.
 DEFAULT_MAX_HANDLES = 16_384
 
@@ -30,9 +28,10 @@ DEFAULT_MAX_HANDLES = 16_384
 FIRST_FH = 1
 
 
-@dataclass(slots=True)
 class Handle:
     """One open file or directory."""
+
+    __slots__ = ("fh", "fd", "nodeid", "is_dir", "flags")
 
     fh: int
     #: A real open fd (not O_PATH), owned by the table.
@@ -41,3 +40,10 @@ class Handle:
     is_dir: bool
     #: The host open flags the fd was opened with (O_ACCMODE etc.).
     flags: int
+
+    def __init__(self, fh: int, fd: int, nodeid: int, is_dir: bool, flags: int) -> None:
+        self.fh = fh
+        self.fd = fd
+        self.nodeid = nodeid
+        self.is_dir = is_dir
+        self.flags = flags

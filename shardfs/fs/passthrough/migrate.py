@@ -45,7 +45,6 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 
 from shardfs.abi.devstate import MODE_FILE_HANDLES, DeviceState, HandleState, NodeState
 from shardfs.abi.fuse import FUSE_ROOT_ID
@@ -105,7 +104,6 @@ class MigrationError(Exception):
     """The state cannot be applied (one line naming the node or handle)."""
 
 
-@dataclass
 class Share:
     """The shared directory as the supervisor sees it: fds it owns, and its path."""
 
@@ -114,6 +112,14 @@ class Share:
     mount_fd: int  # O_RDONLY directory fd: open_by_handle_at's mount_fd
     root_dev: int
     root_ino: int
+
+    def __init__(self, path: bytes, root_fd: int, mount_fd: int, root_dev: int,
+                 root_ino: int) -> None:
+        self.path = path
+        self.root_fd = root_fd
+        self.mount_fd = mount_fd
+        self.root_dev = root_dev
+        self.root_ino = root_ino
 
     @classmethod
     def open(cls, path: str) -> Share:
@@ -269,14 +275,21 @@ def _path_of(share: Share, dev: int, htype: int, handle: bytes) -> tuple[bytes |
 # -- load ---------------------------------------------------------------------------
 
 
-@dataclass
 class Plan:
     """What the destination will write into its arena, all checked beforehand."""
 
-    nodes: list[tuple[NodeState, tuple[int, int, int, int, int, bytes] | None]] = \
-        field(default_factory=list)
-    handles: list[tuple[HandleState, bool]] = field(default_factory=list)
-    lost: list[str] = field(default_factory=list)
+    nodes: list[tuple[NodeState, tuple[int, int, int, int, int, bytes] | None]]
+    handles: list[tuple[HandleState, bool]]
+    lost: list[str]
+
+    def __init__(self,
+                 nodes: list[tuple[NodeState, tuple[int, int, int, int, int, bytes] | None]]
+                 | None = None,
+                 handles: list[tuple[HandleState, bool]] | None = None,
+                 lost: list[str] | None = None) -> None:
+        self.nodes = [] if nodes is None else nodes
+        self.handles = [] if handles is None else handles
+        self.lost = [] if lost is None else lost
 
 
 def plan_import(state: DeviceState, share: Share, on_error: str) -> Plan:

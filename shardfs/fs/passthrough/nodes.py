@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import stat
-from dataclasses import dataclass
 
 #: Nodes one table holds (the root included) unless told otherwise.
 DEFAULT_MAX_NODES = 100_000
@@ -37,9 +36,10 @@ DEFAULT_MAX_NODES = 100_000
 BUDGET_ERRNO = errno.ENFILE
 
 
-@dataclass(slots=True)
 class Node:
     """One host inode the guest knows about."""
+
+    __slots__ = ("nodeid", "fd", "dev", "ino", "kind", "nlookup", "generation", "mnt_id")
 
     nodeid: int
     #: O_PATH|O_NOFOLLOW|O_CLOEXEC fd, owned by the table.
@@ -50,9 +50,20 @@ class Node:
     kind: int
     #: Lookups the guest holds; FORGET drops them.
     nlookup: int
-    generation: int = 0
+    generation: int
     #: Mount id; 0 while the table keys on (dev, ino) alone.
-    mnt_id: int = 0
+    mnt_id: int
+
+    def __init__(self, nodeid: int, fd: int, dev: int, ino: int, kind: int, nlookup: int,
+                 generation: int = 0, mnt_id: int = 0) -> None:
+        self.nodeid = nodeid
+        self.fd = fd
+        self.dev = dev
+        self.ino = ino
+        self.kind = kind
+        self.nlookup = nlookup
+        self.generation = generation
+        self.mnt_id = mnt_id
 
     @property
     def is_dir(self) -> bool:

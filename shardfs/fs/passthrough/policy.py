@@ -19,7 +19,7 @@ timeouts and leaves the flags as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from shardfs.abi.fuse import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 
@@ -29,8 +29,7 @@ LONG_TIMEOUT_S = 86400.0
 AUTO_TIMEOUT_S = 1.0
 
 
-@dataclass(slots=True, frozen=True)
-class CachePolicy:
+class CachePolicy(NamedTuple):
     name: str
     entry_timeout_s: float
     attr_timeout_s: float
@@ -63,4 +62,4 @@ def cache_policy(name: str, timeout_s: float | None = None) -> CachePolicy:
         return policy
     if timeout_s < 0:
         raise ValueError(f"cache timeout {timeout_s}: must not be negative")
-    return replace(policy, entry_timeout_s=float(timeout_s), attr_timeout_s=float(timeout_s))
+    return policy._replace(entry_timeout_s=float(timeout_s), attr_timeout_s=float(timeout_s))

@@ -28,7 +28,7 @@ the guest cannot tell apart (no entry carries FUSE_ATTR_SUBMOUNT either way).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from shardfs.abi.fuse import (
     FUSE_CREATE_SUPP_GROUP,
@@ -47,8 +47,7 @@ from shardfs.abi.fuse import (
 log = logging.getLogger("shardfs.fs.passthrough")
 
 
-@dataclass(frozen=True, slots=True)
-class InitOptions:
+class InitOptions(NamedTuple):
     """The passthrough's options that decide INIT flags (virtiofsd's defaults)."""
 
     writeback: bool = False
