@@ -7,7 +7,7 @@ Kept in ``abi`` because both the codec and the filesystem's table export
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAGIC = b"SHARDFSM"
 VERSION = 1
@@ -24,8 +24,7 @@ MAX_PATH_BYTES = 4095
 MAX_STATE_BYTES = 256 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class NodeState:
+class NodeState(NamedTuple):
     nodeid: int
     nlookup: int
     kind: int
@@ -37,19 +36,40 @@ class NodeState:
     error: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class HandleState:
+class HandleState(NamedTuple):
     fh: int
     nodeid: int
     flags: int
     is_dir: bool
 
 
-@dataclass(slots=True)
 class DeviceState:
+    __slots__ = ("mode", "init_flags", "node_floor", "handle_floor", "nodes", "handles")
+
     mode: int
     init_flags: int
-    node_floor: int = 0
-    handle_floor: int = 0
-    nodes: list[NodeState] = field(default_factory=list)
-    handles: list[HandleState] = field(default_factory=list)
+    node_floor: int
+    handle_floor: int
+    nodes: list[NodeState]
+    handles: list[HandleState]
+
+    def __init__(self, mode: int, init_flags: int, node_floor: int = 0, handle_floor: int = 0,
+                 nodes: list[NodeState] | None = None,
+                 handles: list[HandleState] | None = None) -> None:
+        self.mode = mode
+        self.init_flags = init_flags
+        self.node_floor = node_floor
+        self.handle_floor = handle_floor
+        self.nodes = [] if nodes is None else nodes
+        self.handles = [] if handles is None else handles
+
+    def _key(self) -> tuple[int, int, int, int, list[NodeState], list[HandleState]]:
+        return (self.mode, self.init_flags, self.node_floor, self.handle_floor, self.nodes,
+                self.handles)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DeviceState):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and mutable

@@ -29,7 +29,7 @@ socket but describes the same window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from shardfs.abi import vhost_user as vu
 from shardfs.abi.vhost_user import BackendReq
@@ -44,8 +44,7 @@ class ChannelProtocolError(Exception):
     """Bytes on the backend channel that are not what the peer should send."""
 
 
-@dataclass(frozen=True, slots=True)
-class ShmemRequest:
+class ShmemRequest(NamedTuple):
     """One decoded SHMEM_MAP or SHMEM_UNMAP (as the frontend sees it)."""
 
     request: BackendReq

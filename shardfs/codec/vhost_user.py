@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from shardfs.abi import vhost_user as vu
 from shardfs.abi.vhost_user import FrontendReq, ProtocolFeature
@@ -75,29 +75,57 @@ def encode_request(request: int, payload: bytes, need_reply: bool = False) -> by
     return vu.vhost_user_header.pack(request, flags, len(payload)) + payload
 
 
-@dataclass(slots=True, frozen=True)
-class MemRegion:
+class MemRegion(NamedTuple):
     gpa: int
     size: int
     user_addr: int
     mmap_offset: int
 
 
-@dataclass(slots=True)
 class VringState:
     """What the frontend has told us about one ring."""
 
-    num: int = 0
-    desc_addr: int = 0
-    avail_addr: int = 0
-    used_addr: int = 0
-    log_addr: int = 0
-    addr_flags: int = 0
-    base: int = 0
-    call_fd: int | None = None
-    err_fd: int | None = None
-    enabled: bool = False
-    started: bool = False
+    __slots__ = ("num", "desc_addr", "avail_addr", "used_addr", "log_addr", "addr_flags", "base",
+                 "call_fd", "err_fd", "enabled", "started")
+
+    num: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    log_addr: int
+    addr_flags: int
+    base: int
+    call_fd: int | None
+    err_fd: int | None
+    enabled: bool
+    started: bool
+
+    def __init__(self, num: int = 0, desc_addr: int = 0, avail_addr: int = 0, used_addr: int = 0,
+                 log_addr: int = 0, addr_flags: int = 0, base: int = 0,
+                 call_fd: int | None = None, err_fd: int | None = None, enabled: bool = False,
+                 started: bool = False) -> None:
+        self.num = num
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.log_addr = log_addr
+        self.addr_flags = addr_flags
+        self.base = base
+        self.call_fd = call_fd
+        self.err_fd = err_fd
+        self.enabled = enabled
+        self.started = started
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.num, self.desc_addr, self.avail_addr, self.used_addr, self.log_addr,
+                self.addr_flags, self.base, self.call_fd, self.err_fd, self.enabled, self.started)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VringState):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and mutable
 
 
 class Device:
@@ -163,35 +191,55 @@ class Device:
         return False
 
 
-@dataclass
 class SessionConfig:
     num_queues: int
     tag: str | None
     config_space: bytes
     virtio_features: int
     protocol_features: int
-    max_mem_slots: int = vu.MAX_MEM_SLOTS
+    max_mem_slots: int
     #: VIRTIO Shared Memory Region sizes by shmid, for GET_SHMEM_CONFIG (the DAX
     #: window); empty when there is none.
-    shmem_sizes: tuple[int, ...] = ()
+    shmem_sizes: tuple[int, ...]
     #: The bit that numbers the SHMEM protocol feature (it moved between versions).
-    shmem_bit: int = ProtocolFeature.SHMEM
+    shmem_bit: int
+
+    def __init__(self, num_queues: int, tag: str | None, config_space: bytes,
+                 virtio_features: int, protocol_features: int,
+                 max_mem_slots: int = vu.MAX_MEM_SLOTS, shmem_sizes: tuple[int, ...] = (),
+                 shmem_bit: int = ProtocolFeature.SHMEM) -> None:
+        self.num_queues = num_queues
+        self.tag = tag
+        self.config_space = config_space
+        self.virtio_features = virtio_features
+        self.protocol_features = protocol_features
+        self.max_mem_slots = max_mem_slots
+        self.shmem_sizes = shmem_sizes
+        self.shmem_bit = shmem_bit
 
 
-@dataclass
 class VhostUserSession:
     """One frontend connection's protocol state."""
 
     device: Device
     config: SessionConfig
-    acked_features: int = 0
-    acked_protocol_features: int = 0
-    status: int = 0
-    owner: bool = False
-    vrings: list[VringState] = field(default_factory=list)
+    acked_features: int
+    acked_protocol_features: int
+    status: int
+    owner: bool
+    vrings: list[VringState]
 
-    def __post_init__(self) -> None:
-        self.vrings = [VringState() for _ in range(self.config.num_queues)]
+    def __init__(self, device: Device, config: SessionConfig, acked_features: int = 0,
+                 acked_protocol_features: int = 0, status: int = 0, owner: bool = False,
+                 vrings: list[VringState] | None = None) -> None:
+        self.device = device
+        self.config = config
+        self.acked_features = acked_features
+        self.acked_protocol_features = acked_protocol_features
+        self.status = status
+        self.owner = owner
+        # A session starts with fresh rings, one per queue; ``vrings`` is ignored.
+        self.vrings = [VringState() for _ in range(config.num_queues)]
 
     # -- public ---------------------------------------------------------------
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from shardfs.abi.capability import CAP_SETPCAP, CAP_SYS_CHROOT
@@ -71,22 +70,50 @@ class SandboxError(OSError):
         return str(self.strerror)  # one line for the log, without "[Errno N]"
 
 
-@dataclass(frozen=True)
 class SandboxPolicy:
     """The ``sandbox``, ``seccomp`` and ``modcaps`` settings; ValueError for an
-    unknown mode or a bad ``modcaps``."""
+    unknown mode or a bad ``modcaps``.
 
-    mode: str = "namespace"
-    seccomp: str = "kill"
+    Immutable.  Not a NamedTuple, whose constructor cannot check the values.
+    """
+
+    __slots__ = ("mode", "seccomp", "modcaps")
+
+    mode: str
+    seccomp: str
     #: virtiofsd's ``--modcaps`` (``+sys_admin:-chown``); None keeps PASSTHROUGH_CAPS.
-    modcaps: str | None = None
+    modcaps: str | None
 
-    def __post_init__(self) -> None:
-        if self.mode not in SANDBOX_MODES:
-            raise ValueError(f"sandbox mode {self.mode!r}: one of {', '.join(SANDBOX_MODES)}")
-        if self.seccomp not in SECCOMP_MODES:
-            raise ValueError(f"seccomp mode {self.seccomp!r}: one of {', '.join(SECCOMP_MODES)}")
-        caps.kept_capabilities(self.modcaps)
+    def __init__(self, mode: str = "namespace", seccomp: str = "kill",
+                 modcaps: str | None = None) -> None:
+        if mode not in SANDBOX_MODES:
+            raise ValueError(f"sandbox mode {mode!r}: one of {', '.join(SANDBOX_MODES)}")
+        if seccomp not in SECCOMP_MODES:
+            raise ValueError(f"seccomp mode {seccomp!r}: one of {', '.join(SECCOMP_MODES)}")
+        caps.kept_capabilities(modcaps)
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "seccomp", seccomp)
+        object.__setattr__(self, "modcaps", modcaps)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple[str, str, str | None]:
+        return self.mode, self.seccomp, self.modcaps
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SandboxPolicy):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "SandboxPolicy(mode={!r}, seccomp={!r}, modcaps={!r})".format(*self._key())
 
     @property
     def keep(self) -> frozenset[int]:

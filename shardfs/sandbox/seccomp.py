@@ -40,7 +40,6 @@ import ctypes
 import errno
 import os
 import socket
-from dataclasses import dataclass
 
 LIBSECCOMP = "libseccomp.so.2"
 
@@ -113,12 +112,11 @@ class SeccompError(OSError):
     """The filter could not be built or loaded."""
 
 
-@dataclass
 class _Lib:
     lib: ctypes.CDLL
 
-    def __post_init__(self) -> None:
-        lib = self.lib
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_release.argtypes = [ctypes.c_void_p]

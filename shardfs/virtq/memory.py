@@ -17,21 +17,34 @@ into a use-after-unmap; the mapping goes away with its last view.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass, field
 
 
 class GuestMemoryError(Exception):
     """A guest or frontend address or length is outside mapped memory."""
 
 
-@dataclass(slots=True)
+#: The view of a region that maps nothing (immutable, so one serves all).
+_EMPTY_VIEW = memoryview(b"")
+
+
 class Region:
+    __slots__ = ("gpa", "size", "user_addr", "mmap_offset", "mapping", "view")
+
     gpa: int
     size: int
     user_addr: int
     mmap_offset: int
-    mapping: mmap.mmap | None = field(default=None, repr=False)
-    view: memoryview = field(default=memoryview(b""), repr=False)
+    mapping: mmap.mmap | None
+    view: memoryview
+
+    def __init__(self, gpa: int, size: int, user_addr: int, mmap_offset: int,
+                 mapping: mmap.mmap | None = None, view: memoryview = _EMPTY_VIEW) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.user_addr = user_addr
+        self.mmap_offset = mmap_offset
+        self.mapping = mapping
+        self.view = view
 
     @property
     def gpa_end(self) -> int:
