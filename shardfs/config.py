@@ -1,9 +1,10 @@
 """Configuration: ``config/shardfs.toml`` merged with command-line flags.
 
-Every field is declared once in :data:`FIELDS` with its type, default and
-check, so the TOML loader, the CLI and the error messages agree.  Any
-problem is a :class:`ConfigError` whose message is one line naming the
-field, e.g. ``config: num_request_queues: must be between 1 and 64, got 0``.
+Every field is declared once, as an annotated attribute of :class:`Config`
+with its default (:data:`FIELDS` lists them), so the TOML loader, the CLI
+and the error messages agree.  Any problem is a :class:`ConfigError` whose
+message is one line naming the field, e.g.
+``config: num_request_queues: must be between 1 and 64, got 0``.
 Flag names follow virtiofsd where one exists (``--socket-path``,
 ``--shared-dir``, ``--cache``...).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import grp
 import os
-from dataclasses import dataclass, fields
 from typing import Any
 
 from shardfs.abi.capability import CAP_DAC_READ_SEARCH, parse_modcaps
@@ -61,8 +61,14 @@ class ConfigError(Exception):
     """A bad setting; ``str()`` is one line that names the field."""
 
 
-@dataclass
 class Config:
+    """Every setting; the annotated class attributes are the fields and their defaults.
+
+    A plain class, not a dataclass: ``dataclasses`` imports ``inspect`` (and
+    ``ast``, ``dis``), about 0.86 MB in every daemon process.  Instances are
+    mutable (the loader and the command line assign fields) and compare by value.
+    """
+
     socket_path: str | None = None
     fd: int | None = None
     shared_dir: str = ""
@@ -143,6 +149,26 @@ class Config:
     #: Host-visible file locks (shardfs.proc.locks): "none", "posix", "flock" or
     #: "posix,flock"; off by default, as virtiofsd.
     locks: str = "none"
+
+    def __init__(self, **values: Any) -> None:
+        for name in values:
+            if name not in FIELDS:
+                raise TypeError(f"Config.__init__() got an unexpected keyword argument {name!r}")
+        for name, default in FIELDS.items():
+            setattr(self, name, values.get(name, default))
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and mutable
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS) + ")"
 
     def validate(self) -> Config:
         if self.socket_path is None and self.fd is None:
@@ -293,7 +319,8 @@ def default_stats_socket(pid: int) -> str:
     return os.path.join(runtime_dir(), f"stats-{pid}.sock")
 
 
-FIELDS = {f.name: f for f in fields(Config)}
+#: Every field of :class:`Config` and its default, in declaration order.
+FIELDS: dict[str, Any] = {name: getattr(Config, name) for name in Config.__annotations__}
 _TYPES: dict[str, tuple[type, ...]] = {
     "socket_path": (str,), "fd": (int,), "shared_dir": (str,), "tag": (str,),
     "num_request_queues": (int,), "cache": (str,), "writeback": (bool,), "xattr": (bool,),

@@ -7,11 +7,10 @@ text, so the table cannot drift from the parser.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from shardfs.compat.options import OPTIONS, SPECIAL_FLAGS, VIRTIOFSD, Option
-from shardfs.config import Config
+from shardfs.config import FIELDS
 
 BEGIN = "<!-- options table: python -m shardfs.compat.table -->"
 END = "<!-- end of options table -->"
@@ -24,7 +23,7 @@ def _cell(text: str) -> str:
 def _default(opt: Option) -> str:
     if opt.default_text:
         return opt.default_text
-    value: Any = {f.name: f.default for f in fields(Config)}[opt.field]
+    value: Any = FIELDS[opt.field]
     if opt.kind == "flag":
         return "on" if value else "off"
     if value is None or value == () or value == "":

@@ -34,7 +34,6 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shardfs.config import Config
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardfs.supervisor")
 
 
-@dataclass
 class Child:
     """A running child as the supervisor holds it; the supervisor owns ``sock`` and ``pidfd``."""
 
@@ -65,6 +63,12 @@ class Child:
     sock: socket.socket
     #: Readable once the process has exited (pidfd_open), for select().
     pidfd: int
+
+    def __init__(self, name: str, proc: ForkedProcess, sock: socket.socket, pidfd: int) -> None:
+        self.name = name
+        self.proc = proc
+        self.sock = sock
+        self.pidfd = pidfd
 
 
 def virtiofsd_fs_options(cfg: Config) -> dict[str, Any]:

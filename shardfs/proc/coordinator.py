@@ -78,8 +78,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardfs.abi import fuse as F
 from shardfs.abi import vhost_user as vu
@@ -191,8 +190,7 @@ class BackendChannel:
         return bytes(buf)
 
 
-@dataclass(frozen=True)
-class DaxSetup:
+class DaxSetup(NamedTuple):
     """What a coordinator that owns a DAX window is given at fork."""
 
     geometry: Geometry

@@ -67,8 +67,7 @@ import mmap
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -87,8 +86,7 @@ LINK_MAX_BYTES = 1 << 17
 FORGET_CHUNK = 4096
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
     """The window's size and the alignment every offset and length must have."""
 
     window_bytes: int
@@ -124,8 +122,7 @@ class Geometry:
         return bool(flags & F.FUSE_SETUPMAPPING_FLAG_WRITE)
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):
     """``length`` bytes of a file at ``foffset``, mapped at window offset ``moffset``.
 
     ``fh`` is the handle it was set up through, or FUSE_SETUPMAPPING_NO_FH
@@ -146,8 +143,8 @@ class Mapping:
 
     def piece(self, start: int, end: int) -> Mapping:
         """The part of this mapping in [start, end), which must lie inside it."""
-        return replace(self, moffset=start, length=end - start,
-                       foffset=self.foffset + (start - self.moffset))
+        return self._replace(moffset=start, length=end - start,
+                             foffset=self.foffset + (start - self.moffset))
 
 
 class DaxTable:

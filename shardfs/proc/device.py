@@ -30,7 +30,6 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from shardfs.abi.vhost_user import ProtocolFeature as PF
@@ -87,7 +86,6 @@ def session_config(cfg: Config) -> SessionConfig:
                          shmem_bit=cfg.shmem_bit)
 
 
-@dataclass
 class RingRecord:
     """What it takes to start a ring again in a fresh worker (crash recovery)."""
 
@@ -95,6 +93,13 @@ class RingRecord:
     kick_fd: int
     call_fd: int | None
     enabled: bool
+
+    def __init__(self, args: list[Any], kick_fd: int, call_fd: int | None,
+                 enabled: bool) -> None:
+        self.args = args
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.enabled = enabled
 
 
 class WorkerDevice(MigrationDevice):

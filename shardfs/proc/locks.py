@@ -85,7 +85,6 @@ import socket
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from shardfs.abi.fuse import FUSE_FLOCK_LOCKS, FUSE_POSIX_LOCKS
@@ -117,21 +116,26 @@ LINK_CASTS = frozenset({"tag", "interrupt", "withdraw"})
 Key = tuple[int, int, bool]
 
 
-@dataclass
 class Holder:
     """One guest owner's open description of one file, and what it holds through it."""
 
     fd: int
-    ranges: OwnerRanges = field(default_factory=OwnerRanges)
+    ranges: OwnerRanges
     #: flock(2) state for flock holders: F_UNLCK, F_RDLCK (LOCK_SH) or F_WRLCK (LOCK_EX).
-    flock_typ: int = fcntl.F_UNLCK
-    waits: int = 0
+    flock_typ: int
+    waits: int
+
+    def __init__(self, fd: int, ranges: OwnerRanges | None = None,
+                 flock_typ: int = fcntl.F_UNLCK, waits: int = 0) -> None:
+        self.fd = fd
+        self.ranges = OwnerRanges() if ranges is None else ranges
+        self.flock_typ = flock_typ
+        self.waits = waits
 
     def idle(self) -> bool:
         return not self.ranges and self.flock_typ == fcntl.F_UNLCK and not self.waits
 
 
-@dataclass
 class Wait:
     """A SETLKW that conflicted; retried until granted, interrupted or withdrawn."""
 
@@ -143,10 +147,25 @@ class Wait:
     typ: int
     pid: int
     due_s: float
-    delay_s: float = RETRY_MIN_S
+    delay_s: float
     #: Where the worker parked the chain (ring index, head), -1 until told.
-    ring: int = -1
-    head: int = -1
+    ring: int
+    head: int
+
+    def __init__(self, wid: int, unique: int, key: Key, start: int, end: int, typ: int, pid: int,
+                 due_s: float, delay_s: float = RETRY_MIN_S, ring: int = -1,
+                 head: int = -1) -> None:
+        self.wid = wid
+        self.unique = unique
+        self.key = key
+        self.start = start
+        self.end = end
+        self.typ = typ
+        self.pid = pid
+        self.due_s = due_s
+        self.delay_s = delay_s
+        self.ring = ring
+        self.head = head
 
 
 class Link:

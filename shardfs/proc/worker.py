@@ -29,7 +29,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shardfs.dispatch import PENDING, Dispatcher
@@ -83,7 +82,6 @@ def drop_supplementary_groups() -> None:
         os.setgroups([])
 
 
-@dataclass
 class Ring:
     """A started ring: its queue and the two eventfds the worker owns."""
 
@@ -92,7 +90,16 @@ class Ring:
     call_fd: int | None
     enabled: bool
     counters: QueueCounters
-    errors: list[str] = field(default_factory=list)
+    errors: list[str]
+
+    def __init__(self, queue: SplitQueue, kick_fd: int, call_fd: int | None, enabled: bool,
+                 counters: QueueCounters, errors: list[str] | None = None) -> None:
+        self.queue = queue
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.enabled = enabled
+        self.counters = counters
+        self.errors = [] if errors is None else errors
 
 
 def next_poll_window(window_ns: int, slept_ns: int, max_ns: int) -> int:
