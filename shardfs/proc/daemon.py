@@ -90,6 +90,9 @@ def serve(cfg: Config, notes: list[str]) -> int:
     from shardfs.proc.sockets import open_listener
     from shardfs.proc.supervisor import Supervisor
 
+    # The supervisor exists (and handles SIGTERM) before the socket does: a
+    # launcher may stop the daemon as soon as it sees the socket.
+    supervisor = Supervisor(cfg)
     pid_fd = None
     try:
         try:
@@ -99,7 +102,7 @@ def serve(cfg: Config, notes: list[str]) -> int:
         except OSError as e:
             print(f"shardfs: socket_path: {e.strerror or e}", file=sys.stderr)
             return 1
-        return Supervisor(cfg).run(listener)
+        return supervisor.run(listener)
     finally:
         if pid_fd is not None:
             release_pid_file(cfg.socket_path or "", pid_fd)

@@ -96,6 +96,10 @@ class Supervisor:
         self.device: WorkerDevice | None = None
         self.restarts = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # From here a SIGTERM or SIGINT is a clean shutdown, even one sent the
+        # moment the socket appears (before run()): the caller binds it after this.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
 
     # -- process tree ---------------------------------------------------------
 
@@ -244,8 +248,6 @@ class Supervisor:
         self._listener: socket.socket | None = listener
         self._announced_wait = False
         self.status = open_status_socket(self.cfg)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         try:
             policy = SandboxPolicy(self.cfg.sandbox, self.cfg.seccomp)
             # Non-root: a user namespace first (sandbox.userns), then the IPC one.
