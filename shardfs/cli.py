@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None, *, exec_daemon: bool | None = None) -> i
     """Parse and check the command line; then serve, print, or exit with 2.
 
     Run as a program (``argv`` None) this process then becomes the daemon
-    image (:mod:`shardfs.proc.daemon`: the parser's modules are left behind);
+    image (:mod:`shardfs.proc.handover`: the parser's modules are left behind);
     with an explicit ``argv`` it serves in-process unless ``exec_daemon``.
     """
     run_as_program = argv is None
@@ -122,16 +122,18 @@ def main(argv: list[str] | None = None, *, exec_daemon: bool | None = None) -> i
     except ConfigError as e:
         print(f"shardfs: {e}", file=sys.stderr)
         return 2
-    from shardfs.proc import daemon
-
     if exec_daemon is None:
         exec_daemon = run_as_program
     if exec_daemon:
+        from shardfs.proc import handover
+
         try:
-            daemon.exec_serve(cfg, cl.notes, argv)
+            handover.exec_serve(cfg, cl.notes, argv)
         except OSError as e:  # no usable sys.executable: serve from this image
             print(f"shardfs: cannot start the daemon image ({e.strerror or e}); "
                   "serving from the parser's", file=sys.stderr)
+    from shardfs.proc import daemon
+
     return daemon.serve(cfg, cl.notes)
 
 

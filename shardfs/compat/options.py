@@ -21,15 +21,14 @@ Kinds:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Where an option comes from, for the README table.
 VIRTIOFSD = "virtiofsd"
 SHARDFS = "shardfs"
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(NamedTuple):
     """One command-line option.
 
     ``field`` is the Config field it sets.  ``effect`` says, for a virtiofsd

@@ -23,7 +23,6 @@ naming the option.  Parsing never touches the system: checks that need it
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from shardfs.compat.legacy import LegacyOptionError, parse_legacy
@@ -38,7 +37,6 @@ class CommandLineError(ValueError):
     """A bad command line; ``str()`` is one line that names the option."""
 
 
-@dataclass
 class CommandLine:
     """What a command line asks for.
 
@@ -47,11 +45,15 @@ class CommandLine:
     effect, or served differently), so a launcher's log shows them.
     """
 
-    config_path: str | None = None
-    print_capabilities: bool = False
-    version: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("config_path", "print_capabilities", "version", "overrides", "notes")
+
+    def __init__(self, config_path: str | None = None, print_capabilities: bool = False,
+                 version: bool = False) -> None:
+        self.config_path = config_path
+        self.print_capabilities = print_capabilities
+        self.version = version
+        self.overrides: dict[str, Any] = {}
+        self.notes: list[str] = []
 
 
 class _Parser(argparse.ArgumentParser):

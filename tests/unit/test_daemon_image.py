@@ -1,5 +1,6 @@
 """The daemon's own image (shardfs.proc.daemon): the hand-over from the parser's
-image, and that the exec really leaves the parser's modules behind."""
+image (shardfs.proc.handover), and that the exec really leaves the parser's
+modules behind."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import msgpack
 import pytest
 
 from shardfs.config import FIELDS, Config
-from shardfs.proc import daemon
+from shardfs.proc import handover
 
 #: Modules only the command line needs; none may be in the daemon image.
 PARSER_ONLY = {"argparse", "gettext", "json", "shutil", "shardfs.cli", "shardfs.compat"}
@@ -50,7 +51,7 @@ def every_field_changed() -> Config:
 
 def test_hand_over_keeps_every_field_and_the_notes() -> None:
     cfg = every_field_changed()
-    got, notes = daemon.decode(daemon.encode(cfg, ["a note", "another"]))
+    got, notes = handover.decode(handover.encode(cfg, ["a note", "another"]))
     assert got == cfg
     assert notes == ["a note", "another"]
     assert isinstance(got.uid_map, tuple) and all(isinstance(r, tuple) for r in got.uid_map)
@@ -69,7 +70,7 @@ def test_hand_over_keeps_every_field_and_the_notes() -> None:
 ])
 def test_hand_over_refuses_what_config_would_not_hold(data: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        daemon.decode(data)
+        handover.decode(data)
 
 
 def test_daemon_image_without_a_hand_over_exits_2_with_one_line() -> None:
@@ -82,7 +83,7 @@ def test_daemon_image_without_a_hand_over_exits_2_with_one_line() -> None:
 def test_interpreter_flags_carry_over() -> None:
     r = subprocess.run([sys.executable, "-OO", "-P", "-X", "dev",
                         "-W", "ignore::DeprecationWarning", "-c",
-                        "from shardfs.proc.daemon import interpreter_flags; "
+                        "from shardfs.proc.handover import interpreter_flags; "
                         "print(' '.join(interpreter_flags()))"],
                        capture_output=True, text=True, check=True, timeout=60)
     flags = r.stdout.split()
