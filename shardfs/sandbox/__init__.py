@@ -51,7 +51,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from shardfs.abi.capability import CAP_SETPCAP, CAP_SYS_CHROOT
 from shardfs.sandbox import caps, linux, userns
@@ -70,50 +70,30 @@ class SandboxError(OSError):
         return str(self.strerror)  # one line for the log, without "[Errno N]"
 
 
-class SandboxPolicy:
+class _PolicyFields(NamedTuple):
+    mode: str = "namespace"
+    seccomp: str = "kill"
+    #: virtiofsd's ``--modcaps`` (``+sys_admin:-chown``); None keeps PASSTHROUGH_CAPS.
+    modcaps: str | None = None
+
+
+class SandboxPolicy(_PolicyFields):
     """The ``sandbox``, ``seccomp`` and ``modcaps`` settings; ValueError for an
     unknown mode or a bad ``modcaps``.
 
-    Immutable.  Not a NamedTuple, whose constructor cannot check the values.
+    Immutable (a NamedTuple whose constructor checks the values).
     """
 
-    __slots__ = ("mode", "seccomp", "modcaps")
+    __slots__ = ()
 
-    mode: str
-    seccomp: str
-    #: virtiofsd's ``--modcaps`` (``+sys_admin:-chown``); None keeps PASSTHROUGH_CAPS.
-    modcaps: str | None
-
-    def __init__(self, mode: str = "namespace", seccomp: str = "kill",
-                 modcaps: str | None = None) -> None:
+    def __new__(cls, mode: str = "namespace", seccomp: str = "kill",
+                modcaps: str | None = None) -> SandboxPolicy:
         if mode not in SANDBOX_MODES:
             raise ValueError(f"sandbox mode {mode!r}: one of {', '.join(SANDBOX_MODES)}")
         if seccomp not in SECCOMP_MODES:
             raise ValueError(f"seccomp mode {seccomp!r}: one of {', '.join(SECCOMP_MODES)}")
         caps.kept_capabilities(modcaps)
-        object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "seccomp", seccomp)
-        object.__setattr__(self, "modcaps", modcaps)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def _key(self) -> tuple[str, str, str | None]:
-        return self.mode, self.seccomp, self.modcaps
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SandboxPolicy):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return "SandboxPolicy(mode={!r}, seccomp={!r}, modcaps={!r})".format(*self._key())
+        return super().__new__(cls, mode, seccomp, modcaps)
 
     @property
     def keep(self) -> frozenset[int]:
