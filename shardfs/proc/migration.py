@@ -231,12 +231,13 @@ class Migration:
                 plan = plan_import(state, share, self.cfg.migration_on_error)
             finally:
                 share.close()
+            for why in plan.lost:
+                log.error("migration: lost %s; the guest gets errors on it "
+                          "(--migration-on-error guest-error)", why)
+            # It refuses an arena that is not fresh, before it writes anything.
+            apply_import(s, state, plan)
         except (StateError, MigrationError) as e:
             raise StateRefused(str(e)) from None
-        for why in plan.lost:
-            log.error("migration: lost %s; the guest gets errors on it "
-                      "(--migration-on-error guest-error)", why)
-        apply_import(s, state, plan)
         self.last = {"direction": "load", "nodes": len(state.nodes),
                      "handles": len(state.handles), "bytes": len(data),
                      "lost": len(plan.lost), "seconds": time.perf_counter() - t0}

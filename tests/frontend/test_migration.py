@@ -426,6 +426,20 @@ def test_paths_follow_guest_renames_but_not_host_ones_after_save(
     fb.close()
 
 
+def test_a_second_load_is_refused_and_the_first_stands(pair: tuple[Daemon, Daemon]) -> None:
+    """A state loads only into a fresh arena: loading it again fails CHECK_DEVICE_STATE
+    (the check runs inside the apply, under the lock) and the session serves on."""
+    a, b = pair
+    fa, fb, ids, data = _migrate(a, b)
+    assert M.load_state(fb, data)[1] == 0
+    assert M.load_state(fb, data)[1] == 1
+    assert "a migration loads into a fresh one" in b.log_text()
+    _resume(fb)
+    assert FuseClient(fb, 2).getattr(ids["file"])[0] > 0
+    fa.close()
+    fb.close()
+
+
 @pytest.mark.parametrize("pair", [(("--writeback",), ())], indirect=True)
 def test_init_flags_must_match(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
