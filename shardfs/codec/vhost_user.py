@@ -229,16 +229,14 @@ class VhostUserSession:
     owner: bool
     vrings: list[VringState]
 
-    def __init__(self, device: Device, config: SessionConfig, acked_features: int = 0,
-                 acked_protocol_features: int = 0, status: int = 0, owner: bool = False,
-                 vrings: list[VringState] | None = None) -> None:
+    def __init__(self, device: Device, config: SessionConfig) -> None:
         self.device = device
         self.config = config
-        self.acked_features = acked_features
-        self.acked_protocol_features = acked_protocol_features
-        self.status = status
-        self.owner = owner
-        # A session starts with fresh rings, one per queue; ``vrings`` is ignored.
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.status = 0
+        self.owner = False
+        # A session starts with fresh rings, one per queue.
         self.vrings = [VringState() for _ in range(config.num_queues)]
 
     # -- public ---------------------------------------------------------------
