@@ -2,7 +2,7 @@
 
 Why two images.  Parsing virtiofsd's command line needs ``argparse``
 (with ``gettext``, ``locale`` and ``shutil``), the option tables of
-:mod:`shardfs.compat` and ``json``: about 1.3 MB of heap that the daemon
+:mod:`shardfs.compat` and ``json``: about 1.5 MB of heap that the daemon
 never touches again, and that every forked worker would inherit.  So
 ``shardfs`` run as a program (:func:`shardfs.cli.main` with no ``argv``)
 parses and validates, then :func:`exec_serve` replaces the process image
