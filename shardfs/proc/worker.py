@@ -347,7 +347,6 @@ class Worker:
         if owed and call_fd is not None and q.ready and needs_notification():
             os.eventfd_write(call_fd, 1)
             values[NOTIFICATIONS] += 1
-        counters.flush()
         if self.locks is not None and self.locks.parked:
             # Lock grants must not wait for a busy queue's polling to end.
             self.locks.complete(self.rings, self.mem, self.dirty)

@@ -79,6 +79,18 @@ class DescriptorChain:
 def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
                indirect_ok: bool) -> DescriptorChain:
     """Resolve the chain that starts at ``head`` in the descriptor ``table``."""
+    if head < num and indirect_ok:
+        # Linux's shape first (see _walk_small); None: the walk below decides.
+        addr, length, flags, _ = _unpack_desc(table, head * _DESC_SIZE)
+        if flags == VIRTQ_DESC_F_INDIRECT and 0 < length < _SMALL_TABLE_BYTES \
+                and not length % _DESC_SIZE:
+            hit = mem._hit
+            start = addr - hit.gpa
+            if 0 <= start and start + length <= hit.size:
+                chain = _walk_small(hit.view, hit.gpa, hit.size, start, length // _DESC_SIZE,
+                                    head)
+                if chain is not None:
+                    return chain
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     rlen = wlen = 0
@@ -193,6 +205,71 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
     # Each length is a u32 and the walk is bounded, so the sum is checked once.
     if rlen + wlen > MAX_CHAIN_BYTES:
         raise ChainError("chain length overflows u32")
+    return DescriptorChain(head, readable, writable, rlen, wlen)
+
+
+#: Indirect tables shorter than MIN_UNPACKED_TABLE entries: one Struct per
+#: length, to unpack a whole table in one call.
+_SMALL_TABLES = [struct.Struct("<" + "QIHH" * n) for n in range(MIN_UNPACKED_TABLE)]
+_SMALL_TABLE_BYTES = _DESC_SIZE * MIN_UNPACKED_TABLE
+_NEXT, _WRITE, _INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
+
+
+def _walk_small(view: memoryview, gpa: int, size: int, start: int, num: int,
+                head: int) -> DescriptorChain | None:
+    """The chain of a short indirect table in the shape Linux writes, or None.
+
+    Every request Linux's virtio-fs driver sends is one INDIRECT descriptor
+    whose table lists the buffers in order (entry ``i`` continues at
+    ``i + 1``), all in one region of guest memory: ``view``, ``size`` bytes
+    from ``gpa``.  The table is unpacked in one call and walked with no
+    bookkeeping for other shapes.  Anything else (an entry out of order,
+    zero-length, outside the region, nested INDIRECT, readable after
+    writable, a length sum past u32, NEXT on the last entry) returns None
+    before anything is built, and :func:`walk_chain` walks the table again
+    by every rule: so this gives exactly the chain walk_chain would, or
+    nothing (tests/unit/virtq/test_chain_small.py compares the two).
+    """
+    it = iter(_SMALL_TABLES[num].unpack_from(view, start))
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    rlen = wlen = 0
+    rstart = rend = wstart = wend = -1  # the open segments (see walk_chain)
+    idx = 0
+    for addr, length, flags, nxt in zip(it, it, it, it, strict=True):
+        start = addr - gpa
+        end = start + length
+        if not length or flags & _INDIRECT or start < 0 or end > size:
+            return None
+        if flags & _WRITE:
+            if start != wend:
+                if wend >= 0:
+                    writable.append(view[wstart:wend])
+                wstart = start
+            wend = end
+            wlen += length
+        elif wlen:
+            return None
+        else:
+            if start != rend:
+                if rend >= 0:
+                    readable.append(view[rstart:rend])
+                rstart = start
+            rend = end
+            rlen += length
+        if not flags & _NEXT:
+            break
+        idx += 1
+        if nxt != idx:
+            return None
+    else:
+        return None  # NEXT on the last entry
+    if rend >= 0:
+        readable.append(view[rstart:rend])
+    if wend >= 0:
+        writable.append(view[wstart:wend])
+    if rlen + wlen > MAX_CHAIN_BYTES:
+        return None
     return DescriptorChain(head, readable, writable, rlen, wlen)
 
 

@@ -1,0 +1,169 @@
+"""The short-indirect-table walk gives exactly what the general walk gives.
+
+:func:`shardfs.virtq.chain.walk_chain` first tries ``_walk_small``, a walk
+of the one shape Linux sends (an INDIRECT head whose short table lists the
+buffers in order), and falls back to the general walk for anything else.
+Here both are run on the same tables: Linux-shaped ones, and the same with
+one thing broken, so every refusal and every fallback is compared too.  The
+views are compared by address and length, not content.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from shardfs.abi.virtio import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    virtq_desc,
+)
+from shardfs.virtq import chain as chain_mod
+from shardfs.virtq.chain import MIN_UNPACKED_TABLE, ChainError, DescriptorChain, walk_chain
+from tests.unit.support import RAM_BASE, Rig
+
+NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
+NUM = 16
+RAM = 1 << 20
+
+Desc = tuple[int, int, int, int]
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    with Rig(num=NUM, size=RAM) as r:
+        yield r
+
+
+def _address(v: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(v))
+
+
+def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
+    """The walk of the chain at head 0, as comparable values."""
+    table = rig.mem.view(rig.drv.desc, virtq_desc.size * NUM)
+    if general:
+        saved = chain_mod._walk_small
+        chain_mod._walk_small = lambda *a: None  # type: ignore[assignment]
+    try:
+        c = walk_chain(rig.mem, table, NUM, 0, True)
+    except ChainError as e:
+        return ("refused", str(e))
+    finally:
+        if general:
+            chain_mod._walk_small = saved  # type: ignore[assignment]
+    return ("chain", c.head, [(_address(v), len(v)) for v in c.readable],
+            [(_address(v), len(v)) for v in c.writable], c.readable_len, c.writable_len)
+
+
+def linux_table(rnd: random.Random, rig: Rig) -> list[Desc]:
+    """Readable then writable buffers, in order, each at a random place or
+    right after the one before (so that merging is exercised)."""
+    n = rnd.randint(1, MIN_UNPACKED_TABLE - 1)
+    readable = rnd.randint(0, n)
+    descs: list[Desc] = []
+    addr = RAM_BASE + 64 * 1024
+    for i in range(n):
+        length = rnd.choice((1, 16, 40, 104, 4096, rnd.randint(1, 5000)))
+        if not (descs and rnd.random() < 0.3) or addr + length > RAM_BASE + RAM:
+            addr = RAM_BASE + 64 * 1024 + rnd.randrange(0, RAM - 64 * 1024 - length)
+        flags = (WRITE if i >= readable else 0) | (NEXT if i < n - 1 else 0)
+        descs.append((addr, length, flags, i + 1 if i < n - 1 else 0))
+        addr += length
+    return descs
+
+
+def break_one(rnd: random.Random, descs: list[Desc]) -> list[Desc]:
+    """The table with one rule (or the in-order shape) broken somewhere."""
+    d = list(descs)
+    i = rnd.randrange(len(d))
+    addr, length, flags, nxt = d[i]
+    kind = rnd.choice(("zero", "order", "last-next", "nested", "read-after-write",
+                       "outside", "crossing", "stop-early", "loop", "huge"))
+    if kind == "zero":
+        d[i] = (addr, 0, flags, nxt)
+    elif kind == "order" and len(d) > 2:
+        d[i] = (addr, length, flags | NEXT, rnd.randrange(len(d)))
+    elif kind == "last-next":
+        d[-1] = (d[-1][0], d[-1][1], d[-1][2] | NEXT, rnd.choice((len(d), 0, len(d) - 1)))
+    elif kind == "nested":
+        d[i] = (addr, 32, flags | INDIRECT, nxt)
+    elif kind == "read-after-write":
+        d[i] = (addr, length, flags & ~WRITE, nxt)
+        if i:
+            d[i - 1] = (d[i - 1][0], d[i - 1][1], d[i - 1][2] | WRITE, d[i - 1][3])
+    elif kind == "outside":
+        d[i] = (rnd.choice((0, RAM_BASE - 4096, RAM_BASE + RAM, 1 << 60)), length, flags, nxt)
+    elif kind == "crossing":
+        d[i] = (RAM_BASE + RAM - 8, 64, flags, nxt)
+    elif kind == "stop-early":
+        d[i] = (addr, length, flags & ~NEXT, nxt)
+    elif kind == "loop":
+        d[i] = (addr, length, flags | NEXT, i)
+    elif kind == "huge":
+        d[i] = (addr, 0xFFFF_FFFF, flags, nxt)
+    return d
+
+
+def put(rig: Rig, descs: list[Desc], head_flags: int = INDIRECT,
+        head_len: int | None = None) -> None:
+    rig.ram.reset_alloc(rig.data_mark)
+    gpa = rig.ram.alloc(virtq_desc.size * len(descs), 16)
+    for i, d in enumerate(descs):
+        rig.ram.write(gpa + i * virtq_desc.size, virtq_desc.pack(*d))
+    length = virtq_desc.size * len(descs) if head_len is None else head_len
+    rig.drv.raw_desc(0, gpa, length, head_flags, 1)
+
+
+def test_linux_shaped_tables_take_the_short_walk_and_agree(rig: Rig, monkeypatch) -> None:
+    rnd = random.Random(11)
+    taken = 0
+    real = chain_mod._walk_small
+
+    def counting(*args: object) -> DescriptorChain | None:
+        nonlocal taken
+        got = real(*args)  # type: ignore[arg-type]
+        taken += got is not None
+        return got
+
+    for _ in range(400):
+        put(rig, linux_table(rnd, rig))
+        monkeypatch.setattr(chain_mod, "_walk_small", counting)
+        fast = outcome(rig, general=False)
+        monkeypatch.setattr(chain_mod, "_walk_small", real)
+        assert fast == outcome(rig, general=True)
+        assert fast[0] == "chain", fast
+    assert taken == 400  # every one of them took the short walk
+
+
+def test_broken_tables_get_the_general_walks_verdict(rig: Rig) -> None:
+    rnd = random.Random(12)
+    verdicts = set()
+    for _ in range(1500):
+        descs = break_one(rnd, linux_table(rnd, rig))
+        put(rig, descs)
+        fast = outcome(rig, general=False)
+        assert fast == outcome(rig, general=True), descs
+        verdicts.add(fast[0] if fast[0] == "chain" else fast[1].split(" ")[0])
+    # Both kinds of outcome were met, and refusals of several kinds.
+    assert "chain" in verdicts and len(verdicts) >= 4
+
+
+@pytest.mark.parametrize("head_flags,head_len", [
+    (INDIRECT | WRITE, None),       # the device ignores WRITE here: the general walk
+    (INDIRECT | NEXT, None),        # refused
+    (INDIRECT, 24),                 # not a multiple of 16: refused
+    (INDIRECT, 0),                  # empty: refused
+    (INDIRECT, 16 * MIN_UNPACKED_TABLE),  # long: the unpacked walk
+])
+def test_other_heads_are_left_to_the_general_walk(rig: Rig, head_flags: int,
+                                                  head_len: int | None) -> None:
+    rnd = random.Random(13)
+    descs = linux_table(rnd, rig)
+    descs += [(RAM_BASE + 8192, 8, WRITE, 0)] * (MIN_UNPACKED_TABLE - len(descs))
+    put(rig, descs, head_flags, head_len)
+    assert outcome(rig, general=False) == outcome(rig, general=True)
