@@ -40,7 +40,7 @@ from shardfs.proc.stats import FIELDS, HIST_BUCKETS, MAX_QUEUES, QueueCounters, 
 from shardfs.sandbox.userns import may_setgroups
 from shardfs.virtq.dirtylog import DirtyLog, LogState
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
-from shardfs.virtq.split import QueueError, SplitQueue
+from shardfs.virtq.split import CALL, OWED, QueueError, SplitQueue
 
 if TYPE_CHECKING:
     from shardfs.proc.dax import DaxClient
@@ -273,9 +273,7 @@ class Worker:
         # reply (depth 1): the decision is made there and then, so the driver's
         # wake-up overlaps the bookkeeping below instead of following it.
         call_fd = ring.call_fd
-        call_now = q.call_now
-        more_waiting = q.more_waiting
-        needs_notification = q.needs_notification
+        decide, needs_notification = q.decide, q.needs_notification
         owed = False  # pushes no call decision has covered yet
         # With polling, _spin() watches the ring next and asks for kicks only
         # before it sleeps: a driver publishing meanwhile need not kick.
@@ -311,19 +309,12 @@ class Worker:
                         t1 = clock()
                         dt = t1 - t0
                         t0 = t1
-                        if call_fd is None:
-                            pass
-                        elif not more_waiting():
-                            if needs_notification():
+                        if call_fd is not None:
+                            call = decide()
+                            if call == CALL:
                                 os.eventfd_write(call_fd, 1)
                                 values[NOTIFICATIONS] += 1
-                            owed = False
-                        elif call_now():
-                            os.eventfd_write(call_fd, 1)
-                            values[NOTIFICATIONS] += 1
-                            owed = False
-                        else:
-                            owed = True
+                            owed = call == OWED
                         busy_ns += dt
                         bucket = (dt // 1000).bit_length()  # stats.latency_bucket, inlined
                         hist[bucket if bucket < HIST_BUCKETS else HIST_BUCKETS - 1] += 1

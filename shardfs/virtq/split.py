@@ -73,6 +73,11 @@ def full_barrier() -> None:
     _fence_release()
 
 
+#: What :meth:`SplitQueue.decide` says of the driver's call after a push:
+#: signal it now; nothing is owed; or decide at the end of the batch.
+CALL, COVERED, OWED = 1, 0, 2
+
+
 class QueueError(Exception):
     """The ring is misconfigured or the driver broke a ring invariant."""
 
@@ -204,31 +209,32 @@ class SplitQueue:
         used_event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
         return vring_need_event(used_event, new, old)
 
-    def more_waiting(self) -> bool:
-        """Whether the driver has made chains available that we have not taken."""
-        return bool(_unpack_u16(self._avail, VIRTQ_AVAIL_IDX)[0] != self.last_avail_idx)
+    def decide(self) -> int:
+        """After a push: whether to call the driver, as :data:`CALL`,
+        :data:`OWED` or :data:`COVERED`.
 
-    def call_now(self) -> bool:
-        """Under EVENT_IDX, while more chains wait: whether the driver already asks
-        for a call for the chains pushed since the last signal (so that it refills
-        the ring while we serve on).
-
-        Read without a barrier: True is safe to act on (one call too many is
-        harmless), False is not final, and :meth:`needs_notification`
-        decides at the end of the batch.  True counts as the signal.  With
-        nothing more waiting it is False: the caller then decides at once
-        with :meth:`needs_notification`, which has the barrier.
+        Nothing more waiting (the driver may be waiting for exactly this
+        reply): :meth:`needs_notification` decides at once, CALL or COVERED.
+        More chains waiting: under EVENT_IDX, CALL when the driver already
+        asks for a call for the chains pushed since the last signal, so that
+        it refills the ring while we serve on; otherwise OWED, and the end of
+        the batch decides with :meth:`needs_notification`.  The early test is
+        read without a barrier: CALL is safe to act on (one call too many is
+        harmless) and counts as the signal, OWED is not final.  One method,
+        not two, because the worker asks after every request.
         """
+        avail = self._avail
+        if _unpack_u16(avail, VIRTQ_AVAIL_IDX)[0] == self.last_avail_idx:
+            return CALL if self.needs_notification() else COVERED
         old = self._signalled_used
-        if (old is None or not self.event_idx
-                or _unpack_u16(self._avail, VIRTQ_AVAIL_IDX)[0] == self.last_avail_idx):
-            return False
+        if old is None or not self.event_idx:
+            return OWED
         new = self.used_idx
-        event = _unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
+        event = _unpack_u16(avail, VIRTQ_AVAIL_RING + 2 * self.num)[0]
         if ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF):  # vring_need_event
             self._signalled_used = new
-            return True
-        return False
+            return CALL
+        return OWED
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick while we drain (without EVENT_IDX)."""

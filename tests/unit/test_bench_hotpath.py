@@ -6,7 +6,7 @@
 * ``ChainReader``/``ChainWriter`` fast paths give what the general ones give.
 * Ring indices are stored with single 16-bit stores: never ``pack_into``,
   which zero-fills first (a polling peer once read ``avail.idx`` 0).
-* ``SplitQueue.call_now`` calls early only while more chains wait.
+* ``SplitQueue.decide`` calls early only while more chains wait.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from shardfs.virtq.chain import (
     walk_chain,
 )
 from shardfs.virtq.memory import GuestMemory
+from shardfs.virtq.split import CALL, COVERED, OWED
 from tests.unit.support import Rig
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
@@ -179,7 +180,7 @@ def test_push_stores_the_index_without_struct_pack_into(rig: Rig,
     assert rig.drv.used_idx() == 1
 
 
-def test_call_now_only_while_chains_wait() -> None:
+def test_decide_calls_early_only_while_chains_wait() -> None:
     with Rig(num=8, event_idx=True) as rig:
         q = rig.queue
         for _ in range(3):
@@ -189,12 +190,30 @@ def test_call_now_only_while_chains_wait() -> None:
         chain = q.pop(rig.mem)
         assert chain is not None and not isinstance(chain, int)
         q.push(chain.head, 0)
-        assert q.call_now()  # two more wait: call now, the driver refills meanwhile
-        assert not q.call_now()  # already signalled for that one
+        assert q.decide() == CALL  # two more wait: call now, the driver refills meanwhile
+        assert q.decide() == OWED  # already signalled for that one
+        chain = q.pop(rig.mem)
+        assert chain is not None and not isinstance(chain, int)
+        q.push(chain.head, 0)
+        assert q.decide() == OWED  # the driver asked for no call for this one
+        chain = q.pop(rig.mem)
+        assert chain is not None and not isinstance(chain, int)
+        rig.drv.set_used_event(q.used_idx)
+        q.push(chain.head, 0)
+        assert q.decide() == CALL  # nothing waits: decided at once, with the barrier
+        assert q.decide() == COVERED  # and nothing is owed after it
+
+
+def test_decide_without_event_idx_follows_no_interrupt() -> None:
+    with Rig(num=8, event_idx=False) as rig:
+        q = rig.queue
         for _ in range(2):
-            chain = q.pop(rig.mem)
-            assert chain is not None and not isinstance(chain, int)
-            rig.drv.set_used_event(q.used_idx)
-            q.push(chain.head, 0)
-        assert not q.call_now()  # nothing waits: the end of the batch decides
-        assert q.needs_notification()
+            rig.publish(b"x", 8)
+        chain = q.pop(rig.mem)
+        assert chain is not None and not isinstance(chain, int)
+        q.push(chain.head, 0)
+        assert q.decide() == OWED  # one more waits: the end of the batch decides
+        chain = q.pop(rig.mem)
+        assert chain is not None and not isinstance(chain, int)
+        q.push(chain.head, 0)
+        assert q.decide() == CALL  # the driver did not set VIRTQ_AVAIL_F_NO_INTERRUPT

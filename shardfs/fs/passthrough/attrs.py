@@ -59,7 +59,7 @@ def _timespec(valid: int, set_bit: int, now_bit: int, time_ns: int) -> tuple[int
 class AttrOps(PassthroughBase):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
         """fstat of the node's O_PATH fd (a handle names the same inode)."""
-        return os.stat(self._node(nodeid).fd), self._policy.attr_timeout_s
+        return os.stat(self._nodes.get(nodeid).fd), self._policy.attr_timeout_s  # _node()
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
               sx_mask: int) -> tuple[Statx, float]:
