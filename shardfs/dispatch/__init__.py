@@ -697,11 +697,11 @@ class Dispatcher:
         buf = bytearray(size)
         pos = 0
         hdr_size = F.FUSE_NAME_OFFSET_DIRENTPLUS if plus else F.FUSE_NAME_OFFSET
-        entry_size = hdr_size - F.FUSE_NAME_OFFSET
+        name_at = F.FUSE_NAME_OFFSET
+        entry_size = hdr_size - name_at
         pack_dirent = F.fuse_dirent.pack_into
         lookup = self.fs.lookup
-        for d in self.fs.readdir(ctx, nodeid, fh, offset):
-            name = d.name
+        for ino, cookie, typ, name in self.fs.readdir(ctx, nodeid, fh, offset):
             n = len(name)
             rec = (hdr_size + n + 7) & ~7  # fuse_rec_align, inlined
             if pos + rec > size:
@@ -712,8 +712,8 @@ class Dispatcher:
                 except (FsError, OSError):
                     pass
             at = pos + entry_size
-            pack_dirent(buf, at, d.ino, d.offset, n, d.type)
-            at += F.FUSE_NAME_OFFSET
+            pack_dirent(buf, at, ino, cookie, n, typ)
+            at += name_at
             buf[at:at + n] = name
             pos += rec
         return self._reply(w, memoryview(buf)[:pos]) if pos else 0

@@ -140,21 +140,18 @@ class Statx:
         self.rdev_minor = rdev_minor
 
 
-class DirEntry:
-    """One directory record.  ``offset`` is the cookie that resumes *after* it."""
+class DirEntry(NamedTuple):
+    """One directory record.  ``offset`` is the cookie that resumes *after* it.
 
-    __slots__ = ("ino", "offset", "type", "name")
+    A tuple, so that READDIR unpacks it and the passthrough makes one per
+    name with ``tuple.__new__``: a class's ``__init__`` was 40% of a plain
+    READDIR's cost per name.
+    """
 
     ino: int
     offset: int
     type: int  # DT_* value
     name: bytes
-
-    def __init__(self, ino: int, offset: int, type: int, name: bytes) -> None:
-        self.ino = ino
-        self.offset = offset
-        self.type = type
-        self.name = name
 
 
 class SetattrIn:

@@ -52,8 +52,7 @@ class DirOps(PassthroughBase):
 
     def _records(self, h: Handle, buf: bytearray, filled: int) -> Iterator[DirEntry]:
         while filled > 0:
-            for d in lsys.parse_dirents(buf, filled):
-                yield DirEntry(d.ino, d.off, d.type, d.name)
+            yield from lsys.parse_dirents(buf, filled)
             if not self._handles.is_live(h):
                 return
             if len(buf) < DIRENT_BUF_SIZE:

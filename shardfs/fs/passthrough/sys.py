@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from shardfs.abi import capability
+from shardfs.fs.api import DirEntry
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -227,30 +228,24 @@ def getdents64(fd: int, buf: bytearray) -> int:
     return _check(int(_getdents64(fd, ctypes.addressof(cbuf), len(buf))))
 
 
-class Dirent64(NamedTuple):
-    """One ``struct linux_dirent64``; ``off`` is the cookie that resumes after it."""
-
-    ino: int
-    off: int
-    type: int
-    name: bytes
-
-
-def parse_dirents(buf: bytes | bytearray, length: int) -> Iterator[Dirent64]:
+def parse_dirents(buf: bytes | bytearray, length: int) -> Iterator[DirEntry]:
     """Parse the first ``length`` bytes getdents64 filled in ``buf``, lazily.
 
     Records come from the kernel, but lengths are still checked so that a
     short or corrupt record ends the walk instead of looping or overrunning.
+    ``d_off`` is the cookie that resumes after the record: DirEntry.offset.
     """
     pos = 0
     hdr = _DIRENT64.size
     length = min(length, len(buf))
+    unpack, find, new = _DIRENT64.unpack_from, buf.find, tuple.__new__
     while pos + hdr <= length:
-        ino, off, reclen, dtype = _DIRENT64.unpack_from(buf, pos)
+        ino, off, reclen, dtype = unpack(buf, pos)
         if reclen < hdr or pos + reclen > length:
             return
-        end = buf.find(b"\0", pos + hdr, pos + reclen)
+        end = find(b"\0", pos + hdr, pos + reclen)
         if end < 0:
             end = pos + reclen
-        yield Dirent64(ino, off, dtype, bytes(buf[pos + hdr:end]))
+        # DirEntry(...) without its Python-level __new__ (see DirEntry).
+        yield new(DirEntry, (ino, off, dtype, bytes(buf[pos + hdr:end])))
         pos += reclen
