@@ -14,7 +14,7 @@ import os
 
 from shardfs.abi import fuse as F
 from shardfs.abi.fuse import FuseOpcode as Op
-from shardfs.fs.api import Entry
+from shardfs.fs.api import NSEC_PER_SEC, Entry
 from shardfs.virtq.chain import ChainWriter
 
 log = logging.getLogger("shardfs.dispatch")
@@ -37,7 +37,7 @@ PENDING = -1
 MAX_CACHED_CONTEXTS = 256
 _U64 = 0xFFFFFFFFFFFFFFFF
 _U32 = 0xFFFFFFFF
-NSEC = 1_000_000_000
+NSEC = NSEC_PER_SEC
 
 #: Largest WRITE we accept, and what INIT advertises as max_write.
 MAX_WRITE = 1 << 20
@@ -155,14 +155,15 @@ def _pack_entry_out(view: memoryview | bytearray, pos: int, e: Entry) -> None:
     ev, ens = _split_timeout(e.entry_timeout_s)
     av, ans = _split_timeout(e.attr_timeout_s)
     st = e.attr
+    mode, ino, _dev, nlink, uid, gid, size, _a, _m, _c = st  # as in _pack_attr_out
     a_s, a_ns = divmod(st.st_atime_ns, NSEC)
     m_s, m_ns = divmod(st.st_mtime_ns, NSEC)
     c_s, c_ns = divmod(st.st_ctime_ns, NSEC)
-    nlink, rdev = st.st_nlink, st.st_rdev
-    _ENTRY_OUT.pack_into(view, pos, e.nodeid, e.generation, ev, av, ens, ans, st.st_ino & _U64,
-                         st.st_size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
-                         c_s & _U64, a_ns, m_ns, c_ns, st.st_mode,
-                         nlink if nlink < _U32 else _U32, st.st_uid, st.st_gid,
+    rdev = st.st_rdev
+    _ENTRY_OUT.pack_into(view, pos, e.nodeid, e.generation, ev, av, ens, ans, ino & _U64,
+                         size & _U64, st.st_blocks & _U64, a_s & _U64, m_s & _U64,
+                         c_s & _U64, a_ns, m_ns, c_ns, mode,
+                         nlink if nlink < _U32 else _U32, uid, gid,
                          encode_dev(rdev) if rdev else 0, st.st_blksize & _U32, e.attr_flags)
 
 

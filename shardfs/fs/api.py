@@ -30,6 +30,9 @@ from typing import NamedTuple, NewType
 NodeId = NewType("NodeId", int)
 FileHandle = NewType("FileHandle", int)
 
+#: Times travel as whole seconds and nanoseconds (struct timespec, fuse_attr).
+NSEC_PER_SEC = 1_000_000_000
+
 
 class FsError(Exception):
     """A filesystem operation failed with ``errno``; the guest sees -errno."""

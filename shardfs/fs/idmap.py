@@ -36,10 +36,17 @@ import re
 import struct
 
 from shardfs.abi.fuse import FATTR_GID, FATTR_UID
-from shardfs.fs.api import Context, Entry, FileSystem, FsError, Opened, SetattrIn, Statx
+from shardfs.fs.api import (
+    NSEC_PER_SEC,
+    Context,
+    Entry,
+    FileSystem,
+    FsError,
+    Opened,
+    SetattrIn,
+    Statx,
+)
 from shardfs.fs.forward import ForwardingFs
-
-_NSEC = 1_000_000_000
 
 ID_LIMIT = 1 << 32
 #: ``(uid_t)-1``: "unchanged" in chown, never translated.
@@ -199,7 +206,8 @@ class IdMappedFs(ForwardingFs):
             (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, gid, st.st_size,
              # Whole seconds as stat(2) gives them (floored: int() of a
              # float rounds a time before 1970 the wrong way).
-             st.st_atime_ns // _NSEC, st.st_mtime_ns // _NSEC, st.st_ctime_ns // _NSEC),
+             st.st_atime_ns // NSEC_PER_SEC, st.st_mtime_ns // NSEC_PER_SEC,
+             st.st_ctime_ns // NSEC_PER_SEC),
             {"st_atime": st.st_atime, "st_mtime": st.st_mtime, "st_ctime": st.st_ctime,
              "st_atime_ns": st.st_atime_ns, "st_mtime_ns": st.st_mtime_ns,
              "st_ctime_ns": st.st_ctime_ns, "st_blksize": st.st_blksize,

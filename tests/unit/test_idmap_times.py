@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from shardfs.dispatch.replies import _ATTR_OUT, _pack_attr_out, attr_fields
+from shardfs.dispatch.replies import (
+    _ATTR_OUT,
+    _pack_attr_out,
+    _pack_entry_out,
+    attr_fields,
+    pack_entry,
+)
+from shardfs.fs.api import Entry
 from shardfs.fs.idmap import IdMappedFs
 from shardfs.fs.passthrough import PassthroughFs
 
@@ -41,3 +48,8 @@ def test_mapped_stat_keeps_times_and_packs_like_the_host_one(tmp_path: Path, ns:
     buf = bytearray(_ATTR_OUT.size)
     _pack_attr_out(memoryview(buf), 0, 1, 0, mapped)
     assert list(_ATTR_OUT.unpack(buf)[3:]) == want
+    # The entry packer reads the tuple the same way; pack_entry goes by attr_fields.
+    e = Entry(5, 1, mapped, 1.5, 2.25)
+    out = bytearray(len(pack_entry(e)))
+    _pack_entry_out(out, 0, e)
+    assert bytes(out) == pack_entry(e)

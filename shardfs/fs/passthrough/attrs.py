@@ -24,7 +24,7 @@ from shardfs.abi.fuse import (
     FATTR_SIZE,
     FATTR_UID,
 )
-from shardfs.fs.api import Context, FsError, SetattrIn, Statx
+from shardfs.fs.api import NSEC_PER_SEC, Context, FsError, SetattrIn, Statx
 from shardfs.fs.passthrough import sys as lsys
 from shardfs.fs.passthrough.core import (
     MODE_PERM_MASK,
@@ -34,8 +34,6 @@ from shardfs.fs.passthrough.core import (
 )
 from shardfs.fs.passthrough.creds import caller_creds
 from shardfs.fs.passthrough.nodes import Node
-
-NSEC_PER_SEC = 1_000_000_000
 
 #: time_t is signed 64-bit.
 TIME_MIN, TIME_MAX = -(1 << 63), (1 << 63) - 1
@@ -59,7 +57,8 @@ def _timespec(valid: int, set_bit: int, now_bit: int, time_ns: int) -> tuple[int
 class AttrOps(PassthroughBase):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
         """fstat of the node's O_PATH fd (a handle names the same inode)."""
-        return os.stat(self._nodes.get(nodeid).fd), self._policy.attr_timeout_s  # _node()
+        # self._nodes.get() is self._node() without its frame: every GETATTR.
+        return os.stat(self._nodes.get(nodeid).fd), self._policy.attr_timeout_s
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int,
               sx_mask: int) -> tuple[Statx, float]:

@@ -113,7 +113,7 @@ _MUTEXATTR_BYTES = 16
 
 
 #: Called through prototypes (argument types fixed once), not as attributes
-#: of the library: a lock and an unlock cost 1.0 us instead of 2.0, and
+#: of the library: a lock and an unlock take 1.5 us instead of 2.0, and
 #: every LOOKUP, CREATE, FORGET, OPEN and RELEASE takes the lock once or more.
 _MUTEX_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 _mutex_lock = _MUTEX_FN(("pthread_mutex_lock", _libc))
