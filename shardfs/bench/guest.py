@@ -181,6 +181,11 @@ def boot_once(G: Any, image: Any, args: argparse.Namespace, peer: str | None, ba
     stop: Callable[[], Any]
     if backend == "shardfs":
         extra = [] if args.hardened else ["--sandbox", "none", "--seccomp", "none"]
+        # The test harness turns xattrs on (its workloads need them); virtiofsd
+        # runs here with its defaults, xattrs off, so shardfs must too.  With
+        # them on, the guest asks GETXATTR security.capability before every
+        # WRITE, a round trip more per write; off, the first ENOSYS stops it.
+        extra.append("--no-xattr")
         daemon = G.ShardfsDaemon(socket_path=sock, shared_dir=shared,
                                  log_path=work / "daemon.log", tag="shardfs",
                                  num_request_queues=queues, log_level="warning",
