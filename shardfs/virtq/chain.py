@@ -41,6 +41,7 @@ from shardfs.abi.virtio import (
     virtq_desc,
 )
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
+from shardfs.virtq.pagewalk import walk_pages
 
 #: Used-ring lengths are u32; a chain may not describe more than this.
 MAX_CHAIN_BYTES = (1 << 32) - 1
@@ -80,17 +81,23 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
                indirect_ok: bool) -> DescriptorChain:
     """Resolve the chain that starts at ``head`` in the descriptor ``table``."""
     if head < num and indirect_ok:
-        # Linux's shape first (see _walk_small); None: the walk below decides.
+        # Linux's shape first (see _walk_small and pagewalk); None: the walk
+        # below decides.
         addr, length, flags, _ = _unpack_desc(table, head * _DESC_SIZE)
-        if flags == VIRTQ_DESC_F_INDIRECT and 0 < length < _SMALL_TABLE_BYTES \
+        if flags == VIRTQ_DESC_F_INDIRECT and 0 < length <= _PAGE_TABLE_BYTES \
                 and not length % _DESC_SIZE:
             hit = mem._hit
             start = addr - hit.gpa
             if 0 <= start and start + length <= hit.size:
-                chain = _walk_small(hit.view, hit.gpa, hit.size, start, length // _DESC_SIZE,
-                                    head)
-                if chain is not None:
-                    return chain
+                if length < _SMALL_TABLE_BYTES:
+                    chain = _walk_small(hit.view, hit.gpa, hit.size, start,
+                                        length // _DESC_SIZE, head)
+                    if chain is not None:
+                        return chain
+                else:
+                    sides = walk_pages(hit.view, hit.gpa, hit.size, start, length // _DESC_SIZE)
+                    if sides is not None and sides[2] + sides[3] <= MAX_CHAIN_BYTES:
+                        return DescriptorChain(head, *sides)
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     rlen = wlen = 0
@@ -212,6 +219,8 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
 #: length, to unpack a whole table in one call.
 _SMALL_TABLES = [struct.Struct("<" + "QIHH" * n) for n in range(MIN_UNPACKED_TABLE)]
 _SMALL_TABLE_BYTES = _DESC_SIZE * MIN_UNPACKED_TABLE
+#: Longer ones, up to MAX_UNPACKED_TABLE entries, try pagewalk.walk_pages.
+_PAGE_TABLE_BYTES = _DESC_SIZE * MAX_UNPACKED_TABLE
 _NEXT, _WRITE, _INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
 
