@@ -25,6 +25,7 @@ seeded tables, well formed and broken, and compares them.
 
 from __future__ import annotations
 
+import struct
 import sys
 from itertools import compress
 
@@ -33,6 +34,8 @@ DESC = 16
 _NEXT = 1
 #: The table is read through a native "Q" view; virtio's fields are little-endian.
 _NATIVE_LE = sys.byteorder == "little"
+#: Two adjacent entries' addr and len, then the second's addr.
+_MIDDLE_PAIR = struct.Struct("<QI4xQ")
 
 
 class _Masks:
@@ -72,13 +75,12 @@ def walk_pages(view: memoryview, gpa: int, size: int, start: int,
     adjacent): then there is a run per entry, and the entry-by-entry walk
     costs less.  The caller checks the total against the u32 limit.
     """
-    if not _NATIVE_LE:
+    # The entry before the middle one: its address and length, then the middle's address.
+    addr, length, following = _MIDDLE_PAIR.unpack_from(view, start + DESC * (num // 2 - 1))
+    if addr + length != following or not _NATIVE_LE:
         return None
     table = view[start:start + DESC * num]
     q = table.cast("Q")  # entry i: q[2i] is its address, q[2i + 1] its len | flags | next
-    mid = num & ~1  # 2 * (num // 2): the entry at the middle, and the one before it
-    if q[mid - 2] + (q[mid - 1] & 0xFFFFFFFF) != q[mid]:
-        return None
     m = _MASKS.get(num)
     if m is None:
         m = _MASKS[num] = _Masks(num)
