@@ -172,6 +172,19 @@ def phase_figures(ctl: Path, marks: dict[str, float],
     return out
 
 
+def shardfs_extra_args(args: argparse.Namespace) -> list[str]:
+    """What the guest bench adds to the test harness's shardfs command line.
+
+    The harness turns xattrs on (its workloads need them), but virtiofsd runs
+    here with its defaults, xattrs off, so shardfs must too: with them on,
+    the guest asks GETXATTR security.capability before every WRITE, one round
+    trip more per write, while the first ENOSYS stops that for good.  Later
+    arguments win, so ``--no-xattr`` after the harness's ``--xattr`` holds.
+    """
+    extra = [] if args.hardened else ["--sandbox", "none", "--seccomp", "none"]
+    return [*extra, "--no-xattr", "--poll-us", str(args.poll_us)]
+
+
 def boot_once(G: Any, image: Any, args: argparse.Namespace, peer: str | None, backend: str,
               queues: int, vcpus: int, phases: list[str], work: Path) -> list[dict[str, Any]]:
     """One boot of the guest on one backend: the phase rows (RuntimeError if it failed)."""
@@ -180,16 +193,10 @@ def boot_once(G: Any, image: Any, args: argparse.Namespace, peer: str | None, ba
     sock = work / "vfs.sock"
     stop: Callable[[], Any]
     if backend == "shardfs":
-        extra = [] if args.hardened else ["--sandbox", "none", "--seccomp", "none"]
-        # The test harness turns xattrs on (its workloads need them); virtiofsd
-        # runs here with its defaults, xattrs off, so shardfs must too.  With
-        # them on, the guest asks GETXATTR security.capability before every
-        # WRITE, a round trip more per write; off, the first ENOSYS stops it.
-        extra.append("--no-xattr")
         daemon = G.ShardfsDaemon(socket_path=sock, shared_dir=shared,
                                  log_path=work / "daemon.log", tag="shardfs",
                                  num_request_queues=queues, log_level="warning",
-                                 extra_args=[*extra, "--poll-us", str(args.poll_us)])
+                                 extra_args=shardfs_extra_args(args))
         daemon.start()
         pid = daemon.proc.pid
         stop = daemon.stop

@@ -287,3 +287,25 @@ def test_guest_summary_medians_ratios_and_targets(capsys: pytest.CaptureFixture[
     assert "0.82!" in capsys.readouterr().out
     script = guest.guest_script(["create", "stat"])
     assert "meta.py create 1000 $CTL" in script and "meta.py stat 1000 $CTL" in script
+
+
+def test_guest_bench_runs_shardfs_with_virtiofsds_xattr_default(tmp_path: Path) -> None:
+    """The e2e harness turns xattrs on for its tests; the guest bench compares
+    against virtiofsd's defaults (xattrs off), so its command line must end
+    with them off, parsed by shardfs's own parser."""
+    import argparse
+
+    from shardfs.bench.guest import shardfs_extra_args
+    from shardfs.compat.parse import parse_command_line
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    try:
+        import guest as G  # tests/e2e/guest.py: the harness boot_once uses
+    finally:
+        sys.path.pop(0)
+    for hardened in (False, True):
+        args = argparse.Namespace(hardened=hardened, poll_us=50)
+        daemon = G.ShardfsDaemon(socket_path=tmp_path / "s", shared_dir=tmp_path / "d",
+                                 log_path=tmp_path / "log", extra_args=shardfs_extra_args(args))
+        assert "--xattr" in daemon.command  # the harness's own default...
+        cmd = daemon.command[daemon.command.index("shardfs") + 1:]
+        assert parse_command_line(cmd).overrides["xattr"] is False  # ...overridden
