@@ -10,7 +10,6 @@ views are compared by address and length, not content.
 
 from __future__ import annotations
 
-import ctypes
 import random
 from collections.abc import Iterator
 
@@ -20,17 +19,16 @@ from shardfs.abi.virtio import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    virtq_desc,
 )
 from shardfs.virtq import chain as chain_mod
-from shardfs.virtq.chain import MIN_UNPACKED_TABLE, ChainError, DescriptorChain, walk_chain
+from shardfs.virtq.chain import MIN_UNPACKED_TABLE, DescriptorChain
 from tests.unit.support import RAM_BASE, Rig
+from tests.unit.virtq import tables
+from tests.unit.virtq.tables import Desc, put
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 NUM = 16
 RAM = 1 << 20
-
-Desc = tuple[int, int, int, int]
 
 
 @pytest.fixture
@@ -39,25 +37,9 @@ def rig() -> Iterator[Rig]:
         yield r
 
 
-def _address(v: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(v))
-
-
 def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
-    """The walk of the chain at head 0, as comparable values."""
-    table = rig.mem.view(rig.drv.desc, virtq_desc.size * NUM)
-    if general:
-        saved = chain_mod._walk_small
-        chain_mod._walk_small = lambda *a: None  # type: ignore[assignment]
-    try:
-        c = walk_chain(rig.mem, table, NUM, 0, True)
-    except ChainError as e:
-        return ("refused", str(e))
-    finally:
-        if general:
-            chain_mod._walk_small = saved  # type: ignore[assignment]
-    return ("chain", c.head, [(_address(v), len(v)) for v in c.readable],
-            [(_address(v), len(v)) for v in c.writable], c.readable_len, c.writable_len)
+    """The walk of the chain at head 0; ``general``: without _walk_small."""
+    return tables.outcome(rig, NUM, "_walk_small" if general else None)
 
 
 def linux_table(rnd: random.Random, rig: Rig) -> list[Desc]:
@@ -107,16 +89,6 @@ def break_one(rnd: random.Random, descs: list[Desc]) -> list[Desc]:
     elif kind == "huge":
         d[i] = (addr, 0xFFFF_FFFF, flags, nxt)
     return d
-
-
-def put(rig: Rig, descs: list[Desc], head_flags: int = INDIRECT,
-        head_len: int | None = None) -> None:
-    rig.ram.reset_alloc(rig.data_mark)
-    gpa = rig.ram.alloc(virtq_desc.size * len(descs), 16)
-    for i, d in enumerate(descs):
-        rig.ram.write(gpa + i * virtq_desc.size, virtq_desc.pack(*d))
-    length = virtq_desc.size * len(descs) if head_len is None else head_len
-    rig.drv.raw_desc(0, gpa, length, head_flags, 1)
 
 
 def test_linux_shaped_tables_take_the_short_walk_and_agree(rig: Rig, monkeypatch) -> None:

@@ -11,7 +11,6 @@ compared by address and length.
 
 from __future__ import annotations
 
-import ctypes
 import random
 from collections.abc import Iterator
 
@@ -24,14 +23,11 @@ from shardfs.abi.virtio import (
     virtq_desc,
 )
 from shardfs.virtq import chain as chain_mod
-from shardfs.virtq.chain import (
-    MAX_UNPACKED_TABLE,
-    MIN_UNPACKED_TABLE,
-    ChainError,
-    walk_chain,
-)
+from shardfs.virtq.chain import MAX_UNPACKED_TABLE, MIN_UNPACKED_TABLE
 from shardfs.virtq.pagewalk import walk_pages
 from tests.unit.support import RAM_BASE, Rig
+from tests.unit.virtq import tables
+from tests.unit.virtq.tables import Desc
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 NUM = 16
@@ -40,7 +36,6 @@ PAGE = 4096
 #: Where tables go; buffers are placed above it.
 DATA = RAM_BASE + (64 << 10)
 
-Desc = tuple[int, int, int, int]
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +44,9 @@ def rig() -> Iterator[Rig]:
         yield r
 
 
-def _address(v: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(v))
-
-
 def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
-    """The walk of the chain at head 0, as comparable values."""
-    table = rig.mem.view(rig.drv.desc, virtq_desc.size * NUM)
-    saved = chain_mod.walk_pages
-    if general:
-        chain_mod.walk_pages = lambda *a: None  # type: ignore[assignment]
-    try:
-        c = walk_chain(rig.mem, table, NUM, 0, True)
-    except ChainError as e:
-        return ("refused", str(e))
-    finally:
-        chain_mod.walk_pages = saved  # type: ignore[assignment]
-    return ("chain", c.head, [(_address(v), len(v)) for v in c.readable],
-            [(_address(v), len(v)) for v in c.writable], c.readable_len, c.writable_len)
+    """The walk of the chain at head 0; ``general``: without walk_pages."""
+    return tables.outcome(rig, NUM, "walk_pages" if general else None)
 
 
 def linux_table(rnd: random.Random, n: int | None = None) -> list[Desc]:
@@ -142,12 +122,8 @@ def break_one(rnd: random.Random, descs: list[Desc]) -> list[Desc]:
 
 def put(rig: Rig, descs: list[Desc], head_flags: int = INDIRECT,
         head_len: int | None = None) -> None:
-    rig.ram.reset_alloc(rig.data_mark)
-    gpa = rig.ram.alloc(virtq_desc.size * len(descs), 16)
-    assert gpa + virtq_desc.size * len(descs) <= DATA
-    rig.ram.write(gpa, b"".join(virtq_desc.pack(*d) for d in descs))
-    length = virtq_desc.size * len(descs) if head_len is None else head_len
-    rig.drv.raw_desc(0, gpa, length, head_flags, 1)
+    gpa = tables.put(rig, descs, head_flags, head_len)
+    assert gpa + virtq_desc.size * len(descs) <= DATA  # below the buffers
 
 
 def test_linux_shaped_tables_take_the_page_walk_and_agree(rig: Rig, monkeypatch) -> None:
