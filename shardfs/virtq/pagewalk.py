@@ -57,7 +57,10 @@ class _Masks:
         self.entries = range(num)
 
 
+#: Masks by table length.  Linux sends a few lengths; a guest cycling through
+#: all 1,009 would make this hold about 16 MB, so it is emptied when full.
 _MASKS: dict[int, _Masks] = {}
+_MAX_CACHED = 16
 
 
 def walk_pages(view: memoryview, gpa: int, size: int, start: int,
@@ -83,6 +86,8 @@ def walk_pages(view: memoryview, gpa: int, size: int, start: int,
     q = table.cast("Q")  # entry i: q[2i] is its address, q[2i + 1] its len | flags | next
     m = _MASKS.get(num)
     if m is None:
+        if len(_MASKS) >= _MAX_CACHED:
+            _MASKS.clear()
         m = _MASKS[num] = _Masks(num)
     raw = table.tobytes()
     flags = raw[12::DESC]

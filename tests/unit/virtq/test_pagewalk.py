@@ -218,3 +218,18 @@ def test_walk_pages_refuses_what_it_does_not_know() -> None:
     assert (rlen, wlen) == (PAGE * len(table), 0)
     assert walk_pages(view, 0, 0x1000 + PAGE * len(table) - 1, 0, len(table)) is None
     assert walk_pages(view, 0x2000, len(view), 0, len(table)) is None  # below the view
+
+
+def test_masks_for_many_table_lengths_stay_bounded() -> None:
+    """A guest cycling through every table length cannot grow the worker's
+    cache of per-length constants past its bound."""
+    from shardfs.virtq import pagewalk
+    view = memoryview(bytearray(32 << 10))
+    for num in range(MIN_UNPACKED_TABLE, MIN_UNPACKED_TABLE + 3 * pagewalk._MAX_CACHED):
+        table = [(0x4000 + 16 * i, 16, NEXT, i + 1) for i in range(num)]
+        table[-1] = (table[-1][0], 16, 0, 0)
+        raw = b"".join(virtq_desc.pack(*d) for d in table)
+        view[:len(raw)] = raw
+        got = walk_pages(view, 0, len(view), 0, num)
+        assert got is not None and got[2] == 16 * num
+        assert len(pagewalk._MASKS) <= pagewalk._MAX_CACHED
