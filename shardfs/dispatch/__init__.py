@@ -695,6 +695,10 @@ class Dispatcher:
         # Records are packed in place into a zeroed buffer: padding, and the
         # empty entry of ".", ".." and names gone meanwhile, are its zeros.
         buf = bytearray(size)
+        if not plus:
+            packed = self.fs.readdir_packed(ctx, nodeid, fh, offset, buf)
+            if packed is not None:
+                return self._reply(w, memoryview(buf)[:packed]) if packed else 0
         pos = 0
         hdr_size = F.FUSE_NAME_OFFSET_DIRENTPLUS if plus else F.FUSE_NAME_OFFSET
         name_at = F.FUSE_NAME_OFFSET

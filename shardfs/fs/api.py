@@ -341,6 +341,19 @@ class FileSystem:
         """
         raise FsError(errno.ENOSYS)
 
+    def readdir_packed(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                       out: bytearray) -> int | None:
+        """Plain READDIR's reply, packed by the filesystem: optional.
+
+        Write the records after cookie ``offset`` into the zeroed ``out`` as
+        ``struct fuse_dirent`` records (8-byte aligned), as many as fit, and
+        return the bytes used; exactly what the dispatcher would pack from
+        :meth:`readdir`.  None (the default): the dispatcher packs
+        :meth:`readdir`'s records itself.  A passthrough can copy the host's
+        records with no object per name.
+        """
+        return None
+
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         raise FsError(errno.ENOSYS)
 

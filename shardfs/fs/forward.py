@@ -125,6 +125,10 @@ class ForwardingFs(FileSystem):
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
         return self.inner.readdir(ctx, nodeid, fh, offset)
 
+    def readdir_packed(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                       out: bytearray) -> int | None:
+        return self.inner.readdir_packed(ctx, nodeid, fh, offset, out)
+
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         self.inner.releasedir(ctx, nodeid, fh)
 

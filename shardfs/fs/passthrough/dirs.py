@@ -50,6 +50,25 @@ class DirOps(PassthroughBase):
         filled = lsys.getdents64(h.fd, buf)
         return self._records(h, buf, filled)
 
+    def readdir_packed(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                       out: bytearray) -> int | None:
+        """Plain READDIR straight from getdents64 records into ``out`` (see
+        FileSystem.readdir_packed): the same records :meth:`readdir` gives,
+        with the same checks, buffer growth and handle liveness test."""
+        h = self._dir_handle(fh, nodeid)
+        os.lseek(h.fd, check_offset(offset), os.SEEK_SET)
+        buf = bytearray(FIRST_DIRENT_BUF_SIZE)
+        at = 0
+        while True:
+            filled = lsys.getdents64(h.fd, buf)
+            if filled <= 0:
+                return at
+            at, full = lsys.pack_fuse_dirents(buf, filled, out, at)
+            if full or not self._handles.is_live(h):
+                return at
+            if len(buf) < DIRENT_BUF_SIZE:
+                buf = bytearray(min(2 * len(buf), DIRENT_BUF_SIZE))
+
     def _records(self, h: Handle, buf: bytearray, filled: int) -> Iterator[DirEntry]:
         while filled > 0:
             yield from lsys.parse_dirents(buf, filled)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from shardfs.abi import capability
+from shardfs.abi.fuse import FUSE_NAME_OFFSET, fuse_dirent
 from shardfs.fs.api import DirEntry
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -249,3 +250,42 @@ def parse_dirents(buf: bytes | bytearray, length: int) -> Iterator[DirEntry]:
         # DirEntry(...) without its Python-level __new__ (see DirEntry).
         yield new(DirEntry, (ino, off, dtype, bytes(buf[pos + hdr:end])))
         pos += reclen
+
+
+def pack_fuse_dirents(buf: bytes | bytearray, length: int, out: bytearray,
+                      at: int) -> tuple[int, bool]:
+    """Copy the getdents64 records in ``buf[:length]`` into ``out`` from ``at``
+    as ``struct fuse_dirent`` records, each padded to 8 bytes.
+
+    Returns ``(at, full)``: the end of what was written, and whether a record
+    did not fit (the caller stops there; it resumes at the last cookie
+    written).  The padding is left as ``out`` has it, so ``out`` should be
+    zeroed.  A short or corrupt record ends the walk of this buffer, as in
+    :func:`parse_dirents`, whose records (``ino, off, type, name``) this packs
+    exactly as the dispatcher packs them: one loop instead of two generators,
+    a tuple and a copy of the name per record (plain READDIR, in a guest's
+    listings, is the bulk of a directory's traffic).
+    """
+    pos = 0
+    hdr = _DIRENT64.size
+    size = len(out)
+    length = min(length, len(buf))
+    unpack, find, pack = _DIRENT64.unpack_from, buf.find, fuse_dirent.pack_into
+    while pos + hdr <= length:
+        ino, off, reclen, dtype = unpack(buf, pos)
+        if reclen < hdr or pos + reclen > length:
+            break
+        start = pos + hdr
+        end = find(b"\0", start, pos + reclen)
+        if end < 0:
+            end = pos + reclen
+        n = end - start
+        rec = (FUSE_NAME_OFFSET + n + 7) & ~7  # fuse_rec_align
+        if at + rec > size:
+            return at, True
+        pack(out, at, ino, off, n, dtype)
+        name_at = at + FUSE_NAME_OFFSET
+        out[name_at:name_at + n] = buf[start:end]
+        at += rec
+        pos += reclen
+    return at, False
