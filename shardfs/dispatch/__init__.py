@@ -152,8 +152,9 @@ class Dispatcher:
                         n = fn(self, ctx, nodeid, av, apos, length - _IN_HEADER_SIZE, rv, rpos,
                                chain)
                     except Exception as e:
-                        return self._failed(ChainWriter(wbufs, chain.writable_len), unique,
-                                            opcode, e)
+                        chain.materialize()
+                        return self._failed(ChainWriter(chain.writable, chain.writable_len),
+                                            unique, opcode, e)
                     if n is not None:
                         total = OUT_HDR + n
                         if chain.writable_len < total:
@@ -161,11 +162,15 @@ class Dispatcher:
                             return 0
                         _OUT_HEADER.pack_into(w0, 0, total, 0, unique)
                         return total
+            if chain.tail is not None:  # the general path reads views only
+                chain.materialize()
+                rbufs = chain.readable
             r = (ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 0,
                              _IN_HEADER_SIZE) if first > _IN_HEADER_SIZE
                  else ChainReader(rbufs, chain.readable_len - _IN_HEADER_SIZE, 1))
         else:
-            r = ChainReader(rbufs, chain.readable_len)
+            chain.materialize()
+            r = ChainReader(chain.readable, chain.readable_len)
             try:
                 (length, opcode, unique, nodeid, uid, gid, pid, extlen,
                  _pad) = r.read_struct(_IN_HEADER)

@@ -311,6 +311,24 @@ class FileSystem:
         """Write ``buffers`` (guest memory) to the file; return bytes written."""
         raise FsError(errno.ENOSYS)
 
+    def read_iov(self, ctx: Context, nodeid: int, fh: int, offset: int, iov: bytes,
+                 count: int) -> int | None:
+        """:meth:`read` into ``count`` ready ``struct iovec`` entries: optional.
+
+        ``iov`` addresses guest memory in this process (at most IOV_MAX
+        entries, every one checked by the caller, mapped until the request
+        ends).  Exactly :meth:`read`'s checks, errors and result, on the same
+        bytes.  None (the default): the caller makes views and calls
+        :meth:`read`.  A passthrough can hand the array to ``preadv`` as it is.
+        """
+        return None
+
+    def write_iov(self, ctx: Context, nodeid: int, fh: int, offset: int, iov: bytes,
+                  count: int, write_flags: int) -> int | None:
+        """:meth:`write` from ``count`` ready ``struct iovec`` entries: optional, as
+        :meth:`read_iov` is."""
+        return None
+
     def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
         raise FsError(errno.ENOSYS)
 

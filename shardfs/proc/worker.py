@@ -299,7 +299,8 @@ class Worker:
                         used = handle(chain)
                         if dirty is not None:
                             # Before the push: once the driver can see the reply,
-                            # its pages are in the log.
+                            # its pages are in the log (a READ's raw iovecs too).
+                            chain.materialize()
                             dirty.mark_views(chain.writable)
                         if used != PENDING:
                             push(chain.head, used)

@@ -40,6 +40,7 @@ from shardfs.abi.virtio import (
     VIRTQ_DESC_F_WRITE,
     virtq_desc,
 )
+from shardfs.virtq.iovec import IovecTail, walk_iovecs
 from shardfs.virtq.memory import GuestMemory, GuestMemoryError
 from shardfs.virtq.pagewalk import walk_pages
 
@@ -64,17 +65,36 @@ class ChainError(Exception):
 
 
 class DescriptorChain:
-    """One popped chain: its head index and its two sides as views."""
+    """One popped chain: its head index and its two sides as views.
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+    With a ``tail`` (:mod:`shardfs.virtq.iovec`), one side's views are only
+    its first ones and the tail continues that side; the lengths count it.
+    Only READ's and WRITE's fast paths use a tail as it is: anything else
+    calls :meth:`materialize` before it looks at the views.
+    """
+
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "tail")
 
     def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 readable_len: int, writable_len: int) -> None:
+                 readable_len: int, writable_len: int, tail: IovecTail | None = None) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
+        self.tail = tail
+
+    def materialize(self) -> None:
+        """Turn the tail, if any, into views at the end of its side: the views
+        the general walk gives (a view the tail continues is merged with it)."""
+        tail = self.tail
+        if tail is not None:
+            self.tail = None
+            keep = -1 if tail.join >= 0 else None  # the view the first tail view covers
+            if tail.writable:
+                self.writable = self.writable[:keep] + tail.views()
+            else:
+                self.readable = self.readable[:keep] + tail.views()
 
 
 def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
@@ -98,6 +118,11 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
                     sides = walk_pages(hit.view, hit.gpa, hit.size, start, length // _DESC_SIZE)
                     if sides is not None and sides[2] + sides[3] <= MAX_CHAIN_BYTES:
                         return DescriptorChain(head, *sides)
+                    if sides is None:  # scattered pages: raw iovecs (see iovec)
+                        tailed = walk_iovecs(hit.view, hit.gpa, hit.size, hit.host, start,
+                                             length // _DESC_SIZE)
+                        if tailed is not None and tailed[2] + tailed[3] <= MAX_CHAIN_BYTES:
+                            return DescriptorChain(head, *tailed)
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     rlen = wlen = 0

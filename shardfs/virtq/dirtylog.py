@@ -170,8 +170,7 @@ class DirtyLog:
         out = []
         for r in mem.regions:
             if r.size:
-                start = _address_of(r.view)
-                out.append((start, start + r.size, r.gpa))
+                out.append((r.host, r.host + r.size, r.gpa))
         self._regions = out
 
     def mark_views(self, views: Iterable[memoryview]) -> None:

@@ -16,6 +16,7 @@ into a use-after-unmap; the mapping goes away with its last view.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 
@@ -27,8 +28,18 @@ class GuestMemoryError(Exception):
 _EMPTY_VIEW = memoryview(b"")
 
 
+def _address_of(view: memoryview) -> int:
+    """The address of a writable view's first byte.  The ctypes object that
+    tells it is dropped at once: it would hold an export of the mapping."""
+    c = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(c)
+    finally:
+        del c
+
+
 class Region:
-    __slots__ = ("gpa", "size", "user_addr", "mmap_offset", "mapping", "view")
+    __slots__ = ("gpa", "size", "user_addr", "mmap_offset", "mapping", "view", "host")
 
     gpa: int
     size: int
@@ -36,6 +47,9 @@ class Region:
     mmap_offset: int
     mapping: mmap.mmap | None
     view: memoryview
+    #: This process's address of ``view``'s first byte (0: nothing mapped), for
+    #: the raw iovecs of :mod:`shardfs.virtq.iovec`.  Valid while ``view`` is.
+    host: int
 
     def __init__(self, gpa: int, size: int, user_addr: int, mmap_offset: int,
                  mapping: mmap.mmap | None = None, view: memoryview = _EMPTY_VIEW) -> None:
@@ -45,6 +59,7 @@ class Region:
         self.mmap_offset = mmap_offset
         self.mapping = mapping
         self.view = view
+        self.host = _address_of(view) if len(view) else 0
 
     @property
     def gpa_end(self) -> int:
@@ -161,6 +176,7 @@ class GuestMemory:
 def _release(r: Region) -> None:
     """Drop our references; live views elsewhere keep the mapping until they go."""
     r.view.release()
+    r.host = 0
     if r.mapping is not None:
         try:
             r.mapping.close()

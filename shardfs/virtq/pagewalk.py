@@ -43,7 +43,7 @@ _NATIVE_LE = sys.byteorder == "little"
 _MIDDLE_PAIR = struct.Struct("<QI4xQ")
 
 
-class _Masks:
+class TableMasks:
     """Constants for tables of ``num`` entries (built once per length, then cached)."""
 
     __slots__ = ("top", "low32", "low16", "low8", "next_lo", "next_hi", "width", "entries")
@@ -64,8 +64,38 @@ class _Masks:
 
 #: Masks by table length.  Linux sends a few lengths; a guest cycling through
 #: all 1,009 would make this hold about 16 MB, so it is emptied when full.
-_MASKS: dict[int, _Masks] = {}
+_MASKS: dict[int, TableMasks] = {}
 _MAX_CACHED = 16
+
+
+def table_masks(num: int) -> TableMasks:
+    """The constants for ``num``-entry tables (from a cache of bounded size)."""
+    m = _MASKS.get(num)
+    if m is None:
+        if len(_MASKS) >= _MAX_CACHED:
+            _MASKS.clear()
+        m = _MASKS[num] = TableMasks(num)
+    return m
+
+
+def linux_shape(raw: bytes, num: int, m: TableMasks) -> int | None:
+    """How many of the ``num`` entries in ``raw`` are readable, if the table has
+    Linux's shape (see :func:`walk_pages`) as far as flags and ``next`` go; else None.
+
+    A table whose every entry is readable passes too: the caller decides.
+    """
+    flags = raw[12::DESC]
+    r = flags.count(_NEXT)  # the readable entries with NEXT
+    if flags[-1] == 0:  # a readable end: every entry is readable
+        if r != num - 1:
+            return None
+        r = num
+    elif flags != _READ_NEXT * r + _WRITE_NEXT * (num - 1 - r) + _WRITE_LAST:
+        return None
+    if (raw[13::DESC].count(0) != num or raw[14:-DESC:DESC] != m.next_lo
+            or raw[15:-DESC:DESC] != m.next_hi):
+        return None
+    return r
 
 
 def walk_pages(view: memoryview, gpa: int, size: int, start: int,
@@ -89,22 +119,9 @@ def walk_pages(view: memoryview, gpa: int, size: int, start: int,
         return None
     table = view[start:start + DESC * num]
     q = table.cast("Q")  # entry i: q[2i] is its address, q[2i + 1] its len | flags | next
-    m = _MASKS.get(num)
-    if m is None:
-        if len(_MASKS) >= _MAX_CACHED:
-            _MASKS.clear()
-        m = _MASKS[num] = _Masks(num)
-    raw = table.tobytes()
-    flags = raw[12::DESC]
-    r = flags.count(_NEXT)  # the readable entries with NEXT
-    if flags[-1] == 0:  # a readable end: every entry is readable
-        if r != num - 1:
-            return None
-        r = num
-    elif flags != _READ_NEXT * r + _WRITE_NEXT * (num - 1 - r) + _WRITE_LAST:
-        return None
-    if (raw[13::DESC].count(0) != num or raw[14:-DESC:DESC] != m.next_lo
-            or raw[15:-DESC:DESC] != m.next_hi):
+    m = table_masks(num)
+    r = linux_shape(table.tobytes(), num, m)
+    if r is None:
         return None
     addrs = int.from_bytes(q[0::2].tobytes(), "little")  # 64 bits an entry
     if addrs & m.top:

@@ -176,13 +176,19 @@ class SplitQueue:
         return int(_unpack_u16(self._avail, VIRTQ_AVAIL_RING + 2 * (avail_pos % self.num))[0])
 
     def chain_at(self, mem: GuestMemory, head: int) -> DescriptorChain | None:
-        """Walk the chain at ``head`` again (crash recovery); None if malformed."""
+        """Walk the chain at ``head`` again (crash recovery); None if malformed.
+
+        The chain comes with views only (no iovec tail): its callers answer
+        it through readers and writers.
+        """
         if head >= self.num:
             return None
         try:
-            return walk_chain(mem, self._desc, self.num, head, self.indirect)
+            chain = walk_chain(mem, self._desc, self.num, head, self.indirect)
         except Exception:
             return None
+        chain.materialize()
+        return chain
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (the used element first, then used.idx)."""

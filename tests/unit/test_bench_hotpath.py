@@ -53,7 +53,9 @@ def indirect(rig: Rig, descs: list[tuple[int, int, int, int]]) -> object:
         rig.ram.write(gpa + i * virtq_desc.size, virtq_desc.pack(*d))
     rig.drv.raw_desc(0, gpa, virtq_desc.size * len(descs), INDIRECT, 0)
     table = rig.mem.view(rig.drv.desc, virtq_desc.size * rig.num)
-    return walk_chain(rig.mem, table, rig.num, 0, True)
+    chain = walk_chain(rig.mem, table, rig.num, 0, True)
+    chain.materialize()  # scattered pages come with an iovec tail (virtq.iovec)
+    return chain
 
 
 def pages(rig: Rig, n: int) -> list[int]:

@@ -229,13 +229,30 @@ class FileOps(PassthroughBase):
         lands, as the kernel's file_remove_privs does, so no moment exists
         where new contents carry the old privileges.
         """
+        return _vectored(os.pwritev, self._write_fd(nodeid, fh, offset, write_flags),
+                         buffers, offset)
+
+    def read_iov(self, ctx: Context, nodeid: int, fh: int, offset: int, iov: bytes,
+                 count: int) -> int | None:
+        """:meth:`read` into ready iovecs (``FileSystem.read_iov``): one preadv."""
+        h = self._file_handle(fh, nodeid)
+        return lsys.preadv_iov(h.fd, iov, count, check_offset(offset))
+
+    def write_iov(self, ctx: Context, nodeid: int, fh: int, offset: int, iov: bytes,
+                  count: int, write_flags: int) -> int | None:
+        """:meth:`write` from ready iovecs (``FileSystem.write_iov``): one pwritev."""
+        return lsys.pwritev_iov(self._write_fd(nodeid, fh, offset, write_flags), iov, count,
+                                offset)
+
+    def _write_fd(self, nodeid: int, fh: int, offset: int, write_flags: int) -> int:
+        """The fd a WRITE goes to, after what must happen before its data lands."""
         h = self._file_handle(fh, nodeid)
         check_offset(offset)
         if write_flags & FUSE_WRITE_KILL_SUIDGID:
             _kill_suidgid_fd(h.fd)
         if self._mapped_capability is not None:
             self._drop_mapped_capability(h.fd)
-        return _vectored(os.pwritev, h.fd, buffers, offset)
+        return h.fd
 
     def release(self, ctx: Context, nodeid: int, fh: int) -> None:
         self._file_handle(fh, nodeid)

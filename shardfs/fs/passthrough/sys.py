@@ -12,6 +12,7 @@ Nothing here knows about FUSE or nodes.  Constants carry the names of
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -97,6 +98,8 @@ _faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
 _capget = _fn("capget", _c_int, ctypes.c_void_p, ctypes.c_void_p)
 _capset = _fn("capset", _c_int, ctypes.c_void_p, ctypes.c_void_p)
 _statx = _fn("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, ctypes.c_void_p)
+_preadv = _fn("preadv", ctypes.c_ssize_t, _c_int, _c_char_p, _c_int, ctypes.c_int64)
+_pwritev = _fn("pwritev", ctypes.c_ssize_t, _c_int, _c_char_p, _c_int, ctypes.c_int64)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -106,6 +109,27 @@ def _check(ret: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return ret
+
+
+def preadv_iov(fd: int, iov: bytes, count: int, offset: int) -> int:
+    """preadv(2) into ``count`` ready ``struct iovec`` entries (at most IOV_MAX)."""
+    return _retry(_preadv, fd, iov, count, offset)
+
+
+def pwritev_iov(fd: int, iov: bytes, count: int, offset: int) -> int:
+    """pwritev(2) from ``count`` ready ``struct iovec`` entries (at most IOV_MAX)."""
+    return _retry(_pwritev, fd, iov, count, offset)
+
+
+def _retry(fn: Callable[..., int], *args: object) -> int:
+    """``fn(*args)``, again after EINTR, as :mod:`os` does (PEP 475)."""
+    while True:
+        n = fn(*args)
+        if n >= 0:
+            return int(n)
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:

@@ -23,22 +23,29 @@ def address(v: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(v))
 
 
-def outcome(rig: Rig, num: int, switch_off: str | None = None) -> tuple[object, ...]:
+def outcome(rig: Rig, num: int, switch_off: str | tuple[str, ...] = ()) -> tuple[object, ...]:
     """The walk of the chain at head 0 of a ``num``-entry ring; ``switch_off``
-    names a walk in :mod:`shardfs.virtq.chain` that is made to decline."""
+    names walks in :mod:`shardfs.virtq.chain` that are made to decline.  An
+    iovec tail (virtq.iovec) is materialized: its views are compared."""
     table = rig.mem.view(rig.drv.desc, virtq_desc.size * num)
-    saved = getattr(chain_mod, switch_off) if switch_off else None
-    if switch_off:
-        setattr(chain_mod, switch_off, lambda *a: None)
+    names = (switch_off,) if isinstance(switch_off, str) else switch_off
+    saved = {name: getattr(chain_mod, name) for name in names}
+    for name in names:
+        setattr(chain_mod, name, lambda *a: None)
     try:
         c = walk_chain(rig.mem, table, num, 0, True)
     except ChainError as e:
         return ("refused", str(e))
     finally:
-        if switch_off:
-            setattr(chain_mod, switch_off, saved)
+        for name, fn in saved.items():
+            setattr(chain_mod, name, fn)
+    c.materialize()
     return ("chain", c.head, [(address(v), len(v)) for v in c.readable],
             [(address(v), len(v)) for v in c.writable], c.readable_len, c.writable_len)
+
+
+#: Every shape-specific walk of long tables: off, only the general walk decides.
+LONG_WALKS = ("walk_pages", "walk_iovecs")
 
 
 def put(rig: Rig, descs: list[Desc], head_flags: int = VIRTQ_DESC_F_INDIRECT,

@@ -87,6 +87,7 @@ def test_request_in_one_byte_descriptors(rig: Rig) -> None:
     every = list(range(1, len(WRITE_REQ)))
     for indirect in (False, True):
         chain, _ = rig.chain(WRITE_REQ, 1, rsplits=every, indirect=indirect)
+        chain.materialize()  # a long indirect table comes with an iovec tail
         assert len(chain.readable) == len(WRITE_REQ)
         assert chain.readable_len == len(WRITE_REQ) and chain.writable_len == 1
         assert parse_write(chain) == expected
@@ -428,6 +429,7 @@ def test_adjacent_descriptors_merge_into_one_view(rig: Rig, indirect: bool,
     rig.drv.add(rbufs, wbufs, indirect=indirect)
     chain = rig.queue.pop(rig.mem)
     assert isinstance(chain, DescriptorChain)
+    chain.materialize()  # a long indirect table comes with an iovec tail
     assert [bytes(v) for v in chain.readable] == [data, b"far"]
     assert [len(v) for v in chain.writable] == [pieces * 2]
     assert chain.readable_len == len(data) + 3 and chain.writable_len == pieces * 2

@@ -39,7 +39,7 @@ def rig() -> Iterator[Rig]:
 
 def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
     """The walk of the chain at head 0; ``general``: without _walk_small."""
-    return tables.outcome(rig, NUM, "_walk_small" if general else None)
+    return tables.outcome(rig, NUM, "_walk_small" if general else ())
 
 
 def linux_table(rnd: random.Random, rig: Rig) -> list[Desc]:

@@ -46,7 +46,7 @@ def rig() -> Iterator[Rig]:
 
 def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
     """The walk of the chain at head 0; ``general``: without walk_pages."""
-    return tables.outcome(rig, NUM, "walk_pages" if general else None)
+    return tables.outcome(rig, NUM, tables.LONG_WALKS if general else ())
 
 
 def linux_table(rnd: random.Random, n: int | None = None) -> list[Desc]:
