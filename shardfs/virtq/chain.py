@@ -110,8 +110,14 @@ def walk_chain(mem: GuestMemory, table: memoryview, num: int, head: int,
             start = addr - hit.gpa
             if 0 <= start and start + length <= hit.size:
                 if length < _SMALL_TABLE_BYTES:
-                    chain = _walk_small(hit.view, hit.gpa, hit.size, start,
-                                        length // _DESC_SIZE, head)
+                    chain = None
+                    if length == _FOUR_BYTES:
+                        chain = _walk_four(hit.view, hit.gpa, hit.size, start, head)
+                    elif length == _FIVE_BYTES:
+                        chain = _walk_five(hit.view, hit.gpa, hit.size, start, head)
+                    if chain is None:
+                        chain = _walk_small(hit.view, hit.gpa, hit.size, start,
+                                            length // _DESC_SIZE, head)
                     if chain is not None:
                         return chain
                 else:
@@ -305,6 +311,69 @@ def _walk_small(view: memoryview, gpa: int, size: int, start: int, num: int,
     if rlen + wlen > MAX_CHAIN_BYTES:
         return None
     return DescriptorChain(head, readable, writable, rlen, wlen)
+
+
+#: Four entries, two readable then two writable: GETATTR, LOOKUP, a page's
+#: READ, most of what a guest sends (header and arguments, reply header and reply).
+_FOUR = struct.Struct("<" + "QIHH" * 4)
+_FOUR_BYTES = _FOUR.size
+_READ_NEXT, _WRITE_NEXT = _NEXT, _NEXT | _WRITE
+
+
+def _walk_four(view: memoryview, gpa: int, size: int, start: int,
+               head: int) -> DescriptorChain | None:
+    """:func:`_walk_small` for a four-entry table of two readable and two
+    writable entries, with no loop: the same chain, or None for anything
+    else (then _walk_small, and the general walk, decide)."""
+    (a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, n2, a3, l3, f3,
+     _) = _FOUR.unpack_from(view, start)
+    if (f0 != _READ_NEXT or f1 != _READ_NEXT or f2 != _WRITE_NEXT or f3 != _WRITE
+            or n0 != 1 or n1 != 2 or n2 != 3 or not (l0 and l1 and l2 and l3)):
+        return None
+    s0, s1, s2, s3 = a0 - gpa, a1 - gpa, a2 - gpa, a3 - gpa
+    e0, e1, e2, e3 = s0 + l0, s1 + l1, s2 + l2, s3 + l3
+    if (s0 < 0 or s1 < 0 or s2 < 0 or s3 < 0 or e0 > size or e1 > size or e2 > size
+            or e3 > size):
+        return None
+    rlen, wlen = l0 + l1, l2 + l3
+    if rlen + wlen > MAX_CHAIN_BYTES:
+        return None
+    return DescriptorChain(
+        head, [view[s0:e1]] if e0 == s1 else [view[s0:e0], view[s1:e1]],
+        [view[s2:e3]] if e2 == s3 else [view[s2:e2], view[s3:e3]], rlen, wlen)
+
+
+#: Five entries, three readable then two writable: a WRITE (header, arguments,
+#: data; reply header, reply).
+_FIVE = struct.Struct("<" + "QIHH" * 5)
+_FIVE_BYTES = _FIVE.size
+
+
+def _walk_five(view: memoryview, gpa: int, size: int, start: int,
+               head: int) -> DescriptorChain | None:
+    """:func:`_walk_four` for a WRITE's five entries: three readable, two writable."""
+    (a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, n2, a3, l3, f3, n3, a4, l4, f4,
+     _) = _FIVE.unpack_from(view, start)
+    if (f0 != _READ_NEXT or f1 != _READ_NEXT or f2 != _READ_NEXT or f3 != _WRITE_NEXT
+            or f4 != _WRITE or n0 != 1 or n1 != 2 or n2 != 3 or n3 != 4
+            or not (l0 and l1 and l2 and l3 and l4)):
+        return None
+    s0, s1, s2, s3, s4 = a0 - gpa, a1 - gpa, a2 - gpa, a3 - gpa, a4 - gpa
+    e0, e1, e2, e3, e4 = s0 + l0, s1 + l1, s2 + l2, s3 + l3, s4 + l4
+    if (s0 < 0 or s1 < 0 or s2 < 0 or s3 < 0 or s4 < 0 or e0 > size or e1 > size
+            or e2 > size or e3 > size or e4 > size):
+        return None
+    rlen, wlen = l0 + l1 + l2, l3 + l4
+    if rlen + wlen > MAX_CHAIN_BYTES:
+        return None
+    if e0 == s1:
+        readable = [view[s0:e2]] if e1 == s2 else [view[s0:e1], view[s2:e2]]
+    else:
+        readable = [view[s0:e0], view[s1:e2]] if e1 == s2 else [view[s0:e0], view[s1:e1],
+                                                                 view[s2:e2]]
+    return DescriptorChain(head, readable,
+                           [view[s3:e4]] if e3 == s4 else [view[s3:e3], view[s4:e4]],
+                           rlen, wlen)
 
 
 def _walk_unpacked(mem: GuestMemory, descs: list[tuple[int, int, int, int]],

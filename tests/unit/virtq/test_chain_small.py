@@ -1,8 +1,10 @@
-"""The short-indirect-table walk gives exactly what the general walk gives.
+"""The short-indirect-table walks give exactly what the general walk gives.
 
 :func:`shardfs.virtq.chain.walk_chain` first tries ``_walk_small``, a walk
 of the one shape Linux sends (an INDIRECT head whose short table lists the
-buffers in order), and falls back to the general walk for anything else.
+buffers in order), and before it, for four and five entries, ``_walk_four``
+and ``_walk_five`` (two readable and two writable, three and two: the same
+walk unrolled); it falls back to the general walk for anything else.
 Here both are run on the same tables: Linux-shaped ones, and the same with
 one thing broken, so every refusal and every fallback is compared too.  The
 views are compared by address and length, not content.
@@ -37,9 +39,13 @@ def rig() -> Iterator[Rig]:
         yield r
 
 
+#: The short-table walks; all off, only the general walk decides.
+SHORT_WALKS = ("_walk_small", "_walk_four", "_walk_five")
+
+
 def outcome(rig: Rig, general: bool) -> tuple[object, ...]:
-    """The walk of the chain at head 0; ``general``: without _walk_small."""
-    return tables.outcome(rig, NUM, "_walk_small" if general else ())
+    """The walk of the chain at head 0; ``general``: without the short walks."""
+    return tables.outcome(rig, NUM, SHORT_WALKS if general else ())
 
 
 def linux_table(rnd: random.Random, rig: Rig) -> list[Desc]:
@@ -94,22 +100,54 @@ def break_one(rnd: random.Random, descs: list[Desc]) -> list[Desc]:
 def test_linux_shaped_tables_take_the_short_walk_and_agree(rig: Rig, monkeypatch) -> None:
     rnd = random.Random(11)
     taken = 0
-    real = chain_mod._walk_small
+    real = {name: getattr(chain_mod, name) for name in SHORT_WALKS}
 
-    def counting(*args: object) -> DescriptorChain | None:
-        nonlocal taken
-        got = real(*args)  # type: ignore[arg-type]
-        taken += got is not None
-        return got
+    def counting(name: str) -> object:
+        def walk(*args: object) -> DescriptorChain | None:
+            nonlocal taken
+            got = real[name](*args)
+            taken += got is not None
+            return got
+        return walk
 
     for _ in range(400):
         put(rig, linux_table(rnd, rig))
-        monkeypatch.setattr(chain_mod, "_walk_small", counting)
-        fast = outcome(rig, general=False)
-        monkeypatch.setattr(chain_mod, "_walk_small", real)
+        with monkeypatch.context() as m:
+            for name in SHORT_WALKS:
+                m.setattr(chain_mod, name, counting(name))
+            fast = outcome(rig, general=False)
         assert fast == outcome(rig, general=True)
         assert fast[0] == "chain", fast
-    assert taken == 400  # every one of them took the short walk
+    assert taken == 400  # every one of them took a short walk
+
+
+@pytest.mark.parametrize("readable", [2, 3])
+def test_unrolled_walks_take_their_shapes_and_agree(rig: Rig, readable: int,
+                                                    monkeypatch) -> None:
+    """Every pattern of adjacent neighbours, for _walk_four (2 + 2 entries)
+    and _walk_five (3 + 2)."""
+    name = "_walk_four" if readable == 2 else "_walk_five"
+    real = getattr(chain_mod, name)
+    taken: list[object] = []
+
+    def counting(*args: object) -> object:
+        taken.append(real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(chain_mod, name, counting)
+    n = readable + 2
+    for pattern in range(1 << (n - 1)):
+        addr, descs = RAM_BASE + 64 * 1024, []
+        for i in range(n):
+            if i and not pattern >> (i - 1) & 1:
+                addr += 4096  # not adjacent to the entry before
+            length = (40, 16, 300, 16, 104)[i]
+            flags = (WRITE if i >= readable else 0) | (NEXT if i < n - 1 else 0)
+            descs.append((addr, length, flags, i + 1))  # Linux's last next: i + 1
+            addr += length
+        put(rig, descs)
+        assert outcome(rig, general=False) == outcome(rig, general=True), descs
+    assert len(taken) == 1 << (n - 1) and all(c is not None for c in taken)
 
 
 def test_broken_tables_get_the_general_walks_verdict(rig: Rig) -> None:
@@ -139,3 +177,22 @@ def test_other_heads_are_left_to_the_general_walk(rig: Rig, head_flags: int,
     descs += [(RAM_BASE + 8192, 8, WRITE, 0)] * (MIN_UNPACKED_TABLE - len(descs))
     put(rig, descs, head_flags, head_len)
     assert outcome(rig, general=False) == outcome(rig, general=True)
+
+
+def test_broken_unrolled_shapes_get_the_general_walks_verdict(rig: Rig) -> None:
+    """The 2 + 2 and 3 + 2 shapes with one thing broken: _walk_four and
+    _walk_five decline or agree, as the general walk decides."""
+    rnd = random.Random(14)
+    for _ in range(800):
+        readable = rnd.choice((2, 3))
+        n = readable + 2
+        descs: list[Desc] = []
+        for i in range(n):
+            addr = RAM_BASE + 64 * 1024 + rnd.randrange(0, RAM // 2)
+            if descs and rnd.random() < 0.4:
+                addr = descs[-1][0] + descs[-1][1]
+            flags = (WRITE if i >= readable else 0) | (NEXT if i < n - 1 else 0)
+            descs.append((addr, rnd.choice((16, 40, 104, 4096)), flags, i + 1))
+        descs = break_one(rnd, descs)
+        put(rig, descs)
+        assert outcome(rig, general=False) == outcome(rig, general=True), descs
