@@ -37,7 +37,7 @@ import struct
 import sys
 from collections.abc import Iterable
 
-from shardfs.virtq.pagewalk import DESC, linux_shape, table_masks
+from shardfs.virtq.pagewalk import DESC, linux_shape, per_length, table_masks
 
 #: ``struct iovec`` on x86-64 and every other LP64 little-endian target:
 #: ``void *iov_base; size_t iov_len``, the shape of a descriptor's first 12 bytes.
@@ -139,12 +139,7 @@ _MAX_CACHED = 16
 
 
 def _masks(num: int) -> _Masks:
-    m = _MASKS.get(num)
-    if m is None:
-        if len(_MASKS) >= _MAX_CACHED:
-            _MASKS.clear()
-        m = _MASKS[num] = _Masks(num)
-    return m
+    return per_length(_MASKS, num, _Masks, _MAX_CACHED)
 
 
 def _views(raw: bytes, first: int, end: int, view: memoryview, gpa: int

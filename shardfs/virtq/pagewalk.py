@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Callable
 from itertools import compress
+from typing import TypeVar
 
 from shardfs.abi.virtio import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, virtq_desc
 
@@ -62,20 +64,29 @@ class TableMasks:
         self.entries = range(num)
 
 
+M = TypeVar("M")
+
 #: Masks by table length.  Linux sends a few lengths; a guest cycling through
 #: all 1,009 would make this hold about 16 MB, so it is emptied when full.
 _MASKS: dict[int, TableMasks] = {}
 _MAX_CACHED = 16
 
 
+def per_length(cache: dict[int, M], num: int, make: Callable[[int], M],
+               limit: int = _MAX_CACHED) -> M:
+    """``cache[num]``, made by ``make(num)`` if missing; the cache is emptied
+    when it holds ``limit`` lengths, so a guest cannot make it grow."""
+    m = cache.get(num)
+    if m is None:
+        if len(cache) >= limit:
+            cache.clear()
+        m = cache[num] = make(num)
+    return m
+
+
 def table_masks(num: int) -> TableMasks:
     """The constants for ``num``-entry tables (from a cache of bounded size)."""
-    m = _MASKS.get(num)
-    if m is None:
-        if len(_MASKS) >= _MAX_CACHED:
-            _MASKS.clear()
-        m = _MASKS[num] = TableMasks(num)
-    return m
+    return per_length(_MASKS, num, TableMasks)
 
 
 def linux_shape(raw: bytes, num: int, m: TableMasks) -> int | None:
