@@ -86,13 +86,16 @@ def _fast_read(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: i
     if tail is not None:
         # The pages after the reply header as raw iovecs (virtq.iovec): when
         # they are exactly the data, the filesystem reads into them as they are.
-        if tail.writable and len(wbufs) == 1 and len(w0) == OUT_HDR and size == tail.nbytes:
-            n = d.fs.read_iov(ctx, nodeid, fh, offset, tail.iov, tail.count)
-            if n is not None:
-                d.stats.bytes_read += n
-                return n
-        chain.materialize()
-        wbufs = chain.writable
+        # Otherwise the general path, which makes the views first (they may
+        # merge with the ones seen here).
+        if not (tail.writable and len(wbufs) == 1 and len(w0) == OUT_HDR
+                and size == tail.nbytes):
+            return None
+        n = d.fs.read_iov(ctx, nodeid, fh, offset, tail.iov, tail.count)
+        if n is None:
+            return None
+        d.stats.bytes_read += n
+        return n
     if len(w0) == OUT_HDR and size == chain.writable_len - OUT_HDR:
         bufs = wbufs[1:]  # the data pages after a reply header of its own (Linux)
     elif size and len(w0) >= OUT_HDR + size:
@@ -118,16 +121,16 @@ def _fast_write(d: Dispatcher, ctx: Context, nodeid: int, av: memoryview, apos: 
     tail = chain.tail
     if tail is not None:
         # The payload as raw iovecs (virtq.iovec), when the views before the
-        # tail are exactly the header and the arguments.
-        n = None
-        if not tail.writable and len(rbufs) == (1 if apos else 2):
-            n = d.fs.write_iov(ctx, nodeid, fh, offset, tail.iov, tail.count, write_flags)
-        if n is not None:
-            d.stats.bytes_written += n
-            _pack_write_out(rv, rpos, n, 0)
-            return _WRITE_OUT_SIZE
-        chain.materialize()
-        rbufs = chain.readable
+        # tail are exactly the header and the arguments; otherwise the general
+        # path, as for READ.
+        if tail.writable or len(rbufs) != (1 if apos else 2):
+            return None
+        n = d.fs.write_iov(ctx, nodeid, fh, offset, tail.iov, tail.count, write_flags)
+        if n is None:
+            return None
+        d.stats.bytes_written += n
+        _pack_write_out(rv, rpos, n, 0)
+        return _WRITE_OUT_SIZE
     payload = rbufs[1:] if apos else rbufs[2:]
     n = d.fs.write(ctx, nodeid, fh, offset, payload, write_flags)
     d.stats.bytes_written += n

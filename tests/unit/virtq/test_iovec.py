@@ -225,18 +225,28 @@ def open_file(h: Harness, flags: int = os.O_RDWR) -> tuple[int, int]:
 
 
 def request(h: Harness, rnd: random.Random, opcode: int, nodeid: int, args: bytes,
-            npages: int, payload: bytes = b"") -> tuple[int, bytes, bytes]:
+            npages: int, payload: bytes = b"", joined: bool = False) -> tuple[int, bytes, bytes]:
     """One READ (``payload`` empty: ``npages`` pages to fill) or WRITE, laid out as
-    Linux lays it, pages scattered; (used length, reply, bytes of the pages)."""
+    Linux lays it, pages scattered; (used length, reply, bytes of the pages).
+
+    ``joined``: the first page follows the view before it in memory (a READ's
+    reply header, a WRITE's arguments), so the general walk merges the two."""
     mark = h.ram.mark
-    base = h.ram.alloc((2 * npages + 4) * PAGE, PAGE)
+    base = h.ram.alloc((2 * npages + 6) * PAGE, PAGE)
     slots = rnd.sample(range(2 * npages + 4), npages + 3)
     gpas = [base + s * PAGE for s in slots]
     hdr = F.fuse_in_header.pack(F.fuse_in_header.size + len(args) + len(payload), opcode, 7,
                                 nodeid, 0, 0, 1, 0, 0)
+    pages = [(g, PAGE) for g in gpas[3:]]
+    if joined:  # two pages of their own, past the sampled ones
+        block = base + (2 * npages + 4) * PAGE
+        pages[0] = (block + PAGE, PAGE)
+        if payload:
+            gpas[1] = block + PAGE - len(args)
+        else:
+            gpas[2] = block + PAGE - 16
     h.ram.write(gpas[0], hdr)
     h.ram.write(gpas[1], args)
-    pages = [(g, PAGE) for g in gpas[3:]]
     for g, _ in pages:
         h.ram.write(g, b"\xee" * PAGE)
     if payload:
@@ -244,10 +254,11 @@ def request(h: Harness, rnd: random.Random, opcode: int, nodeid: int, args: byte
             h.ram.write(g, payload[k * PAGE:(k + 1) * PAGE])
         readable = [(gpas[0], len(hdr)), (gpas[1], len(args)), *pages]
         writable = [(gpas[2], 16), (gpas[2] + 64, F.fuse_write_out.size)]
+        h.ram.write(gpas[2], b"\xee" * 128)
     else:
         readable = [(gpas[0], len(hdr)), (gpas[1], len(args))]
         writable = [(gpas[2], 16), *pages]
-    h.ram.write(gpas[2], b"\xee" * 128)
+        h.ram.write(gpas[2], b"\xee" * 16)
     h.q.add(readable, writable, indirect=True)
     h.worker.serve(h.ring)
     ((_head, used),) = h.q.pop_used()
@@ -259,18 +270,19 @@ def request(h: Harness, rnd: random.Random, opcode: int, nodeid: int, args: byte
 
 def both(h: Harness, seed: int, opcode: int, nodeid: int, args: bytes, npages: int,
          monkeypatch: pytest.MonkeyPatch, payload: bytes = b"",
-         reset: Path | None = None) -> tuple[int, bytes, bytes]:
+         reset: Path | None = None, joined: bool = False) -> tuple[int, bytes, bytes]:
     """The request with raw iovecs, after checking it against the general walk's
     answer (``reset``: the file's contents are put back in between)."""
     before = reset.read_bytes() if reset else b""
     calls: list[int] = []
-    got = request(h, random.Random(seed), opcode, nodeid, args, npages, payload)
+    got = request(h, random.Random(seed), opcode, nodeid, args, npages, payload, joined)
     after = reset.read_bytes() if reset else b""
     if reset:
         reset.write_bytes(before)
     with monkeypatch.context() as m:
         m.setattr(chain_mod, "walk_iovecs", lambda *a: calls.append(1))
-        reference = request(h, random.Random(seed), opcode, nodeid, args, npages, payload)
+        reference = request(h, random.Random(seed), opcode, nodeid, args, npages, payload,
+                            joined)
     assert calls  # the general walk answered the reference
     assert got == reference
     if reset:
@@ -365,6 +377,45 @@ def test_read_only_and_id_mapped_filesystems(harness, monkeypatch) -> None:
     h.worker.dispatcher.initialized = True
     _, _, data = both(h, 15, Op.FUSE_READ, nodeid, read_in(fh, 0, 64 * PAGE), 64, monkeypatch)
     assert data == content[:64 * PAGE]
+
+
+class PlainReadWrite(ForwardingFs):
+    """Changes read() and write() (so read_iov and write_iov are not forwarded),
+    and only counts the calls."""
+
+    calls = 0
+
+    def read(self, *a):  # type: ignore[no-untyped-def]
+        PlainReadWrite.calls += 1
+        return self.inner.read(*a)
+
+    def write(self, *a):  # type: ignore[no-untyped-def]
+        PlainReadWrite.calls += 1
+        return self.inner.write(*a)
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_filesystem_without_iovecs_gets_views(harness, monkeypatch, joined: bool) -> None:
+    """READ and WRITE on a filesystem that declines the iovecs answer as the
+    general path does, also when the first page continues the view before
+    it (the views are then not the ones the fast path saw)."""
+    h, path = harness
+    nodeid, fh = open_file(h)
+    content = path.read_bytes()
+    h.worker.dispatcher = Dispatcher(PlainReadWrite(h.fs))
+    h.worker.dispatcher.initialized = True
+    PlainReadWrite.calls = 0
+    used, _, data = both(h, 17, Op.FUSE_READ, nodeid, read_in(fh, 0, 64 * PAGE), 64,
+                         monkeypatch, joined=joined)
+    assert used == 16 + 64 * PAGE and data == content[:64 * PAGE]
+    payload = os.urandom(64 * PAGE)
+    used, reply, _ = both(h, 18, Op.FUSE_WRITE, nodeid, write_in(fh, 0, len(payload)), 64,
+                          monkeypatch, payload, reset=path, joined=joined)
+    assert F.fuse_write_out.unpack(reply[16:24])[0] == len(payload)
+    request(h, random.Random(18), Op.FUSE_WRITE, nodeid, write_in(fh, 0, len(payload)), 64,
+            payload, joined)
+    assert path.read_bytes()[:len(payload)] == payload
+    assert PlainReadWrite.calls == 5
 
 
 def test_a_forwarding_fs_that_changes_read_or_write_sees_every_call(tmp_path: Path) -> None:
