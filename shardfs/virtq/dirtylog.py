@@ -46,7 +46,7 @@ from collections.abc import Iterable
 
 from shardfs.abi.vhost_user import VHOST_LOG_PAGE
 from shardfs.abi.virtio import used_ring_size
-from shardfs.virtq.memory import GuestMemory
+from shardfs.virtq.memory import GuestMemory, address_of
 
 log = logging.getLogger("shardfs.dirtylog")
 
@@ -90,12 +90,6 @@ _SEQ_CST = 5
 
 class DirtyLogError(ValueError):
     """The log cannot be mapped (bad size, offset or fd)."""
-
-
-def _address_of(view: memoryview) -> int:
-    """The host address of a writable view's first byte (the ctypes object,
-    and with it the buffer export, is dropped at once)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class DirtyLog:
@@ -180,7 +174,7 @@ class DirtyLog:
             n = len(v)
             if not n:
                 continue
-            addr = _address_of(v)
+            addr = address_of(v)
             for start, end, gpa in regions:
                 if start <= addr < end:
                     self.mark(gpa + (addr - start), n)

@@ -28,14 +28,11 @@ class GuestMemoryError(Exception):
 _EMPTY_VIEW = memoryview(b"")
 
 
-def _address_of(view: memoryview) -> int:
-    """The address of a writable view's first byte.  The ctypes object that
-    tells it is dropped at once: it would hold an export of the mapping."""
-    c = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
+def address_of(view: memoryview) -> int:
+    """The address of a writable view's first byte in this process (the
+    ctypes object that tells it, and with it its export of the buffer, is
+    dropped at once)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class Region:
@@ -59,7 +56,7 @@ class Region:
         self.mmap_offset = mmap_offset
         self.mapping = mapping
         self.view = view
-        self.host = _address_of(view) if len(view) else 0
+        self.host = address_of(view) if len(view) else 0
 
     @property
     def gpa_end(self) -> int:
