@@ -205,11 +205,10 @@ def walk_iovecs(view: memoryview, gpa: int, size: int, host: int, start: int, nu
         nbytes = _PAGE * count  # pages, as Linux's are: no sum to take
     else:
         nbytes = sum(sizes[first:first + count])
-    prefix = sum(sizes[:first]) + sum(sizes[first + count:])
-    if writable:
-        rlen, wlen = sum(sizes[:r]), prefix - sum(sizes[:r]) + nbytes
-    else:
-        rlen, wlen = prefix - sum(sizes[r:]) + nbytes, sum(sizes[r:])
+    if writable:  # entries [0, r) readable, r the reply header, then the tail
+        rlen, wlen = sum(sizes[:r]), sizes[r] + nbytes
+    else:  # entries 0 and 1, the tail up to r, then [r, num) writable
+        rlen, wlen = sizes[0] + sizes[1] + nbytes, sum(sizes[r:])
     iov = ((slots & m.keep) + delta).to_bytes(DESC * num, "little")
     tail = IovecTail(iov[DESC * first:DESC * (first + count)], count, nbytes, writable, view,
                      host, join)
